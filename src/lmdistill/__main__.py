@@ -1,0 +1,7 @@
+"""``python -m lmdistill`` runs the command line."""
+
+import sys
+
+from lmdistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,269 @@
+"""The ``lmdistill`` command: train, cache, eval, align, sft, bench, demo.
+
+Errors a user can fix print one line on stderr (``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from lmdistill.errors import LmdistillError
+
+
+def _json_out(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _quiet_libraries() -> None:
+    """Keep stdout for results: library chatter goes to stderr or is silenced."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def cmd_train(args) -> int:
+    from lmdistill.config import load_config
+
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if cfg.task == "embedding":
+        from lmdistill.train.embedding import run_embedding
+
+        metrics = run_embedding(cfg)
+    else:
+        from lmdistill.train.lm import run_lm
+
+        metrics = run_lm(cfg)
+    summary = {k: metrics[k] for k in ("method", "steps", "seconds_per_step", "before", "after", "teacher_scores",
+                                       "student_dir") if k in metrics}
+    print(json.dumps(summary, indent=2))
+    print(f"metrics: {Path(cfg.output_dir) / 'metrics.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from lmdistill.config import load_config
+    from lmdistill.train.embedding import teacher_cache, training_sentences
+
+    cfg = load_config(args.config, list(args.overrides))
+    if cfg.task != "embedding":
+        raise LmdistillError("lmdistill cache builds the teacher-embedding cache of an embedding config (task: embedding)")
+    sentences = training_sentences(cfg)
+    emb = teacher_cache(cfg, sentences)
+    print(f"teacher cache ready: {emb.shape[0]} sentences x {emb.shape[1]} dims")
+    return 0
+
+
+def cmd_eval_sts(args) -> int:
+    from lmdistill.config import resolve_data_path
+    from lmdistill.data.readers import read_sts
+    from lmdistill.eval.sts import sts_spearman
+    from lmdistill.models import load_sentence_model
+
+    pairs = read_sts(resolve_data_path(args.data))
+    model = load_sentence_model(args.model, trust_remote_code=args.trust_remote_code)
+    res = sts_spearman(model, pairs, args.batch_size, progress=True)
+    if args.json:
+        _json_out(res)
+    else:
+        print(f"STS Spearman {res['spearman']:.2f} on {res['n']} pairs")
+    return 0
+
+
+def cmd_eval_mteb(args) -> int:
+    from lmdistill.config import resolve_data_path
+    from lmdistill.eval.mteb_local import mteb_sts
+    from lmdistill.models import load_sentence_model
+
+    model = load_sentence_model(args.model, trust_remote_code=args.trust_remote_code)
+    res = mteb_sts(model, resolve_data_path(args.data), args.task)
+    _json_out(res) if args.json else print(f"MTEB {res['task']} cosine Spearman {res['spearman']:.2f} ({res['n']} pairs)")
+    return 0
+
+
+def cmd_eval_rouge(args) -> int:
+    from lmdistill.config import resolve_data_path
+    from lmdistill.eval.generation import rouge_eval
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [10]
+    res = rouge_eval(args.model, resolve_data_path(args.data), max_new_tokens=args.max_new_tokens, seeds=seeds,
+                     greedy=args.greedy, limit=args.limit, batch_size=args.batch_size,
+                     trust_remote_code=args.trust_remote_code)
+    if args.json:
+        _json_out(res)
+    else:
+        print(f"ROUGE-L {res['rougeL']:.2f} (per seed {res['per_seed']}) on {res['n']} rows")
+    return 0
+
+
+def cmd_eval_bpb(args) -> int:
+    from lmdistill.config import resolve_data_path
+    from lmdistill.eval.bpb import bpb_eval
+
+    res = bpb_eval(args.model, resolve_data_path(args.data), limit=args.limit, batch_size=args.batch_size,
+                   trust_remote_code=args.trust_remote_code)
+    if args.json:
+        _json_out(res)
+    else:
+        print(f"bits per byte {res['bpb']:.4f} (pooled {res['bpb_pooled']:.4f}) on {res['n']} rows")
+    return 0
+
+
+def cmd_align(args) -> int:
+    from lmdistill.align.spans import align_text
+    from lmdistill.models import load_tokenizer
+
+    s_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
+    t_tok = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    res = align_text(args.text, s_tok, t_tok, response_start=args.response_start, max_spans=args.max_spans)
+    if args.json:
+        _json_out(res)
+    else:
+        for sp in res["spans"]:
+            a, b = sp["chars"]
+            print(f"{a:5d}-{b:<5d} {args.text[a:b]!r:30} student {sp['student']} teacher {sp['teacher']}")
+        print(json.dumps(res["stats"]))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from lmdistill.config import load_config
+    from lmdistill.train.lm import run_lm
+
+    cfg = load_config(args.config, list(args.overrides) + ["method=sft"])
+    metrics = run_lm(cfg, teacher_needed=False)
+    print(json.dumps({k: metrics.get(k) for k in ("steps", "seconds_per_step", "after", "student_dir")}, indent=2))
+    return 0
+
+
+def cmd_bench_speed(args) -> int:
+    from lmdistill.bench.speed import speed_benchmark
+
+    methods = args.methods.split(",") if args.methods else None
+    res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset)
+    if args.json:
+        _json_out(res)
+    else:
+        f = res["floor"]
+        print(f"floor: {f['s_per_step']:.3f} s/step, {f['peak_mb']:.0f} MB")
+        for name, r in res["methods"].items():
+            print(f"{name:14s} {r['s_per_step']:.3f} s/step  {r['peak_mb']:.0f} MB  x{r['ratio']:.2f}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from lmdistill.demo import run_demo
+
+    run_demo(output_dir=args.output_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lmdistill`` command."""
+    p = argparse.ArgumentParser(prog="lmdistill", description="Distil language models into smaller ones.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student with a config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("cache", help="build the teacher-embedding cache of an embedding config")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.set_defaults(func=cmd_cache)
+
+    e = sub.add_parser("eval", help="evaluate a model")
+    esub = e.add_subparsers(dest="metric", required=True)
+    for name, func, helptext in (("sts", cmd_eval_sts, "STS cosine Spearman"),
+                                 ("mteb", cmd_eval_mteb, "STS through MTEB on a local file")):
+        s = esub.add_parser(name, help=helptext)
+        s.add_argument("--model", required=True)
+        s.add_argument("--data", required=True)
+        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--json", action="store_true")
+        s.add_argument("--trust-remote-code", action="store_true")
+        if name == "mteb":
+            s.add_argument("--task", default="STSBenchmark")
+        s.set_defaults(func=func)
+    r = esub.add_parser("rouge", help="generation ROUGE-L on an instruction JSONL file")
+    r.add_argument("--model", required=True)
+    r.add_argument("--data", required=True)
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--seeds", default="10")
+    r.add_argument("--greedy", action="store_true")
+    r.add_argument("--limit", type=int, default=None)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--trust-remote-code", action="store_true")
+    r.set_defaults(func=cmd_eval_rouge)
+    b = esub.add_parser("bpb", help="bits per byte of the reference responses")
+    b.add_argument("--model", required=True)
+    b.add_argument("--data", required=True)
+    b.add_argument("--limit", type=int, default=None)
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--trust-remote-code", action="store_true")
+    b.set_defaults(func=cmd_eval_bpb)
+
+    a = sub.add_parser("align", help="spans shared by two tokenizations of a text")
+    a.add_argument("--student", required=True)
+    a.add_argument("--teacher", required=True)
+    a.add_argument("--text", required=True)
+    a.add_argument("--response-start", type=int, default=0)
+    a.add_argument("--max-spans", type=int, default=1024)
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--trust-remote-code", action="store_true")
+    a.set_defaults(func=cmd_align)
+
+    s = sub.add_parser("sft", help="fine-tune a causal LM (e.g. the teacher) on instruction data")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_sft)
+
+    be = sub.add_parser("bench", help="benchmarks")
+    bsub = be.add_subparsers(dest="bench", required=True)
+    sp = bsub.add_parser("speed", help="seconds per step and peak memory of each method")
+    sp.add_argument("--pair", choices=["lm", "embedding"], required=True)
+    sp.add_argument("--methods", default=None)
+    sp.add_argument("--steps", type=int, default=3)
+    sp.add_argument("--preset", choices=["cpu", "tiny"], default="cpu")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_bench_speed)
+
+    d = sub.add_parser("demo", help="TALAS on the bundled models and data: the student before and after")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lmdistill`` command."""
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except LmdistillError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

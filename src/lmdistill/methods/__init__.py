@@ -1,0 +1,1 @@
+"""Distillation methods: ``embedding/`` (sentence embeddings) and ``llm/`` (causal LMs)."""

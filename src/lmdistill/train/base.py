@@ -1,0 +1,234 @@
+"""The trainer every method runs on: transformers' ``Trainer`` with
+
+* a method's named loss terms averaged and logged next to the loss;
+* the optimizer built here: AdamW over two parameter groups (the student at ``lr``, the
+  method's projectors at ``projector_lr``), always wrapped in :class:`~lmdistill.optim.ASAM`
+  (``rho = 0`` for plain AdamW), so SAM/ASAM get a closure that re-runs the step's
+  micro-batches at ``w + eps``, and the descent gradient alone is clipped;
+* non-finite losses: the step is skipped and counted; after ``max_nonfinite_steps`` in a row
+  training stops with a clear error and the last good checkpoint stays;
+* checkpoints as safetensors of the trainable module (a frozen teacher is not saved), read
+  back with ``safetensors`` (nothing is unpickled from a checkpoint folder's weights).
+
+Training-loop logic (accumulation, scheduling, resume, distributed) stays transformers'.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainingArguments
+
+from lmdistill.config import TrainConfig
+from lmdistill.errors import LmdistillError
+from lmdistill.optim import ASAM
+
+WEIGHTS = "model.safetensors"
+
+
+def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> TrainingArguments:
+    """``TrainingArguments`` from our train config (clipping is done inside the ASAM wrapper)."""
+    use_cpu = not torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=tc.batch_size,
+        gradient_accumulation_steps=tc.grad_accum,
+        num_train_epochs=tc.epochs,
+        max_steps=tc.max_steps,
+        learning_rate=tc.lr,
+        weight_decay=tc.weight_decay,
+        warmup_steps=tc.warmup_ratio,
+        lr_scheduler_type=tc.scheduler,
+        max_grad_norm=0.0,
+        logging_steps=tc.logging_steps,
+        save_strategy="steps" if tc.save_steps > 0 else "no",
+        save_steps=max(tc.save_steps, 1),
+        save_total_limit=tc.save_total_limit,
+        seed=tc.seed,
+        data_seed=tc.seed,
+        bf16=tc.bf16,
+        fp16=tc.fp16,
+        use_cpu=use_cpu,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=tc.dataloader_workers,
+        disable_tqdm=False,
+        **extra,
+    )
+
+
+class DistillTrainer(Trainer):
+    """``Trainer`` for a wrapper module whose forward returns a dict of loss terms."""
+
+    def __init__(self, *args, train_config: TrainConfig, projector_prefixes: tuple[str, ...] = ("method.",),
+                 **kwargs) -> None:
+        self.tc = train_config
+        self.projector_prefixes = projector_prefixes
+        self._micro: list[tuple[dict, object]] = []
+        self._in_closure = False
+        self._terms: dict[str, list[float]] = {}
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        super().__init__(*args, **kwargs)
+
+    # ---- optimizer ---------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """AdamW (student at lr, projectors at projector_lr) inside the (A)SAM wrapper."""
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model or self.model
+        groups: dict[tuple[bool, bool], list] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_proj = name.startswith(self.projector_prefixes)
+            matrix = p.ndim >= 2 and "norm" not in name.lower()
+            groups.setdefault((is_proj, matrix), []).append(p)
+        param_groups = []
+        for (is_proj, matrix), params in groups.items():
+            param_groups.append({
+                "params": params,
+                "lr": self.tc.projector_lr if is_proj else self.tc.lr,
+                "weight_decay": self.tc.weight_decay if matrix else 0.0,
+                "adaptive": matrix,  # ASAM's |w| scaling on weight matrices only
+            })
+        base = torch.optim.AdamW(param_groups, lr=self.tc.lr)
+        rho = 0.0 if self.tc.optimizer == "adamw" else self.tc.rho
+        self.optimizer = ASAM(base, rho=rho, eta=self.tc.eta, adaptive=self.tc.optimizer == "asam",
+                              interval=self.tc.asam_interval, max_grad_norm=self.tc.max_grad_norm or None)
+        self.optimizer.closure = self._sam_closure
+        return self.optimizer
+
+    @property
+    def _sam(self) -> bool:
+        return self.tc.optimizer != "adamw" and self.tc.rho > 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._sam and not self._in_closure:
+            self._micro.append((inputs, num_items_in_batch))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return loss
+
+    def _sam_closure(self):
+        """Re-run this step's micro-batches (forward + backward) at the perturbed weights."""
+        batches, self._micro = self._micro, []
+        self._in_closure = True
+        try:
+            total = 0.0
+            for inputs, n in batches:
+                total += float(Trainer.training_step(self, self.model_wrapped, inputs, n))
+        finally:
+            self._in_closure = False
+        return total
+
+    # ---- loss and logging ---------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        loss = out["loss"]
+        if self._in_closure:
+            return loss
+        if not torch.isfinite(loss.detach()).all():
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= self.tc.max_nonfinite_steps:
+                raise LmdistillError(
+                    f"{self.nonfinite_run} non-finite losses in a row (step {self.state.global_step}): lower "
+                    "train.lr or enable bf16/fp32; the last good checkpoint is kept in the checkpoints folder"
+                )
+            self._skip_this_step()
+            return (loss * 0.0).nan_to_num(0.0, 0.0, 0.0).detach().requires_grad_()
+        self.nonfinite_run = 0
+        for k, v in out.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                self._terms.setdefault(k, []).append(float(v.detach()))
+        return (loss, out) if return_outputs else loss
+
+    def _skip_this_step(self) -> None:
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, ASAM):
+            opt = getattr(opt, "optimizer", None)
+        if opt is not None:
+            opt.skip_next = True
+        self._micro = []
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        for k, vals in self._terms.items():
+            if vals and k != "loss":
+                logs[k] = round(sum(vals) / len(vals), 6)
+        self._terms = {}
+        if self.nonfinite_total:
+            logs["nonfinite_steps"] = self.nonfinite_total
+        super().log(logs, *args, **kwargs)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(self.model)
+        state, seen = {}, set()
+        for name, t in model.state_dict().items():
+            if name.startswith("teacher."):
+                continue
+            key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (name,)
+            if key in seen:  # tied weights: saved once
+                continue
+            seen.add(key)
+            state[name] = t.detach().contiguous().cpu()
+        return state
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        save_file(self._trainable_state(), os.path.join(output_dir, WEIGHTS), metadata={"format": "pt"})
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        path = os.path.join(resume_from_checkpoint, WEIGHTS)
+        if not os.path.isfile(path):
+            raise LmdistillError(f"checkpoint {resume_from_checkpoint!r} has no {WEIGHTS}: delete it to start over")
+        missing = set(self._trainable_state()) - set(load_file(path))
+        state = load_file(path)
+        model.load_state_dict(state, strict=False)
+        if missing:
+            raise LmdistillError(f"checkpoint {resume_from_checkpoint!r} lacks {sorted(missing)[:3]}: it is from another run")
+
+
+def latest_checkpoint(folder: str | Path) -> str | None:
+    """The newest complete ``checkpoint-N`` folder under ``folder`` (incomplete ones skipped)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    cands = []
+    for d in folder.glob("checkpoint-*"):
+        try:
+            step = int(d.name.split("-")[-1])
+        except ValueError:
+            continue
+        if _complete(d):
+            cands.append((step, d))
+    return str(max(cands)[1]) if cands else None
+
+
+def _complete(d: Path) -> bool:
+    """A checkpoint is complete when its weights and trainer state read back."""
+    if not (d / "trainer_state.json").is_file() or not (d / WEIGHTS).is_file():
+        return False
+    try:
+        load_file(d / WEIGHTS)
+        import json
+
+        json.loads((d / "trainer_state.json").read_text())
+    except Exception:  # noqa: BLE001 - any read failure means a truncated checkpoint
+        return False
+    return True
+
+
+def steps_for(n_examples: int, tc: TrainConfig) -> int:
+    """Optimizer steps the run will take."""
+    if tc.max_steps > 0:
+        return tc.max_steps
+    per_epoch = math.ceil(n_examples / (tc.batch_size * tc.grad_accum))
+    return max(1, math.ceil(per_epoch * tc.epochs))

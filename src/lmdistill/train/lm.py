@@ -1,0 +1,296 @@
+"""Cross-tokenizer causal-LM distillation: collator, training wrapper, the run.
+
+The collator encodes ``prompt + response`` with both tokenizers (each with its own special
+tokens, EOS appended), labels the response tokens, and, for span methods, aligns the two
+tokenizations. The wrapper runs the student (with grad) and the frozen teacher (without its
+LM head unless the method needs full teacher logits), computes the student's CE on the
+response, and hands both sides to the method.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import set_seed
+
+from lmdistill import models
+from lmdistill.align.spans import align_offsets
+from lmdistill.config import Config, build_options, resolve_data_path
+from lmdistill.data.readers import read_instructions
+from lmdistill.errors import LmdistillError
+from lmdistill.methods.llm.attention import RowCapture
+from lmdistill.methods.llm.base import Response, Side, num_layers
+from lmdistill.registry import get_method
+from lmdistill.train.base import DistillTrainer, latest_checkpoint, training_arguments
+
+log = logging.getLogger("lmdistill")
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int):
+    """``ids``, ``labels`` (response tokens + EOS), offsets and real-token mask of one example."""
+    text = prompt + response
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
+                    max_length=max_length - 1)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    special = list(enc["special_tokens_mask"])
+    r = len(prompt)
+    labels = [tid if (not sp and e > r and e > s) else -100 for tid, (s, e), sp in zip(ids, offsets, special)]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        offsets.append((0, 0))
+        special.append(1)
+        labels.append(eos)
+    keep = [not sp for sp in special]
+    return ids, labels, np.asarray(offsets, dtype=np.int64), np.asarray(keep, dtype=bool)
+
+
+def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
+
+
+class InstructionCollator:
+    """Batches prompt/response rows for both tokenizers (and spans when the method needs them)."""
+
+    def __init__(self, student_tok, teacher_tok, max_length: int, spans: bool, max_spans: int = 1024) -> None:
+        self.s_tok, self.t_tok = student_tok, teacher_tok
+        self.max_length, self.spans, self.max_spans = max_length, spans, max_spans
+        self.stats: list[dict] = []
+
+    def __call__(self, rows: list[dict]) -> dict:
+        out: dict = {}
+        s_enc = [encode_example(self.s_tok, r["prompt"], r["response"], self.max_length) for r in rows]
+        out["s_input_ids"] = _pad([e[0] for e in s_enc], self.s_tok.pad_token_id)
+        out["s_attention_mask"] = _pad([[1] * len(e[0]) for e in s_enc], 0)
+        out["s_labels"] = _pad([e[1] for e in s_enc], -100)
+        if self.t_tok is None:
+            return out
+        t_enc = [encode_example(self.t_tok, r["prompt"], r["response"], self.max_length) for r in rows]
+        out["t_input_ids"] = _pad([e[0] for e in t_enc], self.t_tok.pad_token_id)
+        out["t_attention_mask"] = _pad([[1] * len(e[0]) for e in t_enc], 0)
+        out["t_labels"] = _pad([e[1] for e in t_enc], -100)
+        if self.spans:
+            aligns = []
+            for r, se, te in zip(rows, s_enc, t_enc):
+                text = r["prompt"] + r["response"]
+                aligns.append(align_offsets(se[2], te[2], len(r["prompt"]), len(text), se[3], te[3], self.max_spans))
+            self.stats = [a.stats for a in aligns]
+            k = max(1, max(len(a) for a in aligns))
+            spans_s = torch.zeros(len(rows), k, 2, dtype=torch.long)
+            spans_t = torch.zeros(len(rows), k, 2, dtype=torch.long)
+            mask = torch.zeros(len(rows), k, dtype=torch.long)
+            for i, a in enumerate(aligns):
+                n = len(a)
+                if n:
+                    spans_s[i, :n] = torch.from_numpy(a.student)
+                    spans_t[i, :n] = torch.from_numpy(a.teacher)
+                    mask[i, :n] = 1
+            out.update({"spans_s": spans_s, "spans_t": spans_t, "span_mask": mask,
+                        "align_ratio": torch.tensor([a.stats["ratio"] for a in aligns], dtype=torch.float32)})
+        return out
+
+
+def decoder_and_head(model):
+    """The decoder stack (no LM head) and the output embedding of a causal LM (peft-aware)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+def _head(head: nn.Module, softcap, x: torch.Tensor, ids: torch.Tensor | None = None,
+          detach_weight: bool = False) -> torch.Tensor:
+    w = head.weight if ids is None else head.weight[ids]
+    b = getattr(head, "bias", None)
+    if b is not None and ids is not None:
+        b = b[ids]
+    if detach_weight:
+        w = w.detach()
+        b = None if b is None else b.detach()
+    z = F.linear(x.to(w.dtype), w, b)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+class LMDistillModel(nn.Module):
+    """Student (trained), teacher (frozen) and the method's modules."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, student, teacher, method) -> None:
+        super().__init__()
+        self.student = student
+        self.teacher = teacher
+        self.method = method
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.s_capture = self.t_capture = None
+        if method.row_mode is not None:
+            self.s_capture = RowCapture(student, method.student_layers(), method.row_mode)
+            self.t_capture = RowCapture(teacher, method.teacher_layers(), method.row_mode)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _run(self, model, ids, mask, labels, layers, capture, logits: bool, grad: bool) -> Side:
+        decoder, head, softcap = decoder_and_head(model)
+        if capture is not None:
+            capture.prepare(mask)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
+            hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
+            hidden[num_layers(model)] = out.last_hidden_state  # the last block, after the final norm
+            resp = Response.from_labels(labels)
+            z = _head(head, softcap, out.last_hidden_state[resp.b, resp.t]) if logits else None
+        rows = capture.rows() if capture is not None else {}
+        return Side(hidden=hidden, resp=resp, logits=z, rows=rows, input_ids=ids, attention_mask=mask)
+
+    def forward(self, **batch):
+        m = self.method
+        s = self._run(self.student, batch["s_input_ids"], batch["s_attention_mask"], batch["s_labels"],
+                      m.student_layers(), self.s_capture, logits=True, grad=True)
+        if s.resp.target.numel() == 0:
+            raise LmdistillError("a batch has no response tokens: check that every row has a non-empty 'output'")
+        ce = F.cross_entropy(s.logits.float(), s.resp.target)
+        t = None
+        if m.needs_teacher and self.teacher is not None:
+            with torch.no_grad():
+                t = self._run(self.teacher, batch["t_input_ids"], batch["t_attention_mask"], batch["t_labels"],
+                              m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False)
+        _, s_head, s_cap = decoder_and_head(self.student)
+        heads = {
+            "ce": ce,
+            "student_head_weight": s_head.weight,
+            "student_logits": lambda x, ids=None, detach_weight=False: _head(s_head, s_cap, x, ids, detach_weight),
+        }
+        if self.teacher is not None:
+            _, t_head, t_cap = decoder_and_head(self.teacher)
+            heads["teacher_logits"] = lambda x, ids=None, detach_weight=True: _head(t_head, t_cap, x, ids, detach_weight)
+        out = m(batch, s, t, heads)
+        if "align_ratio" in batch:
+            out["align_ratio"] = batch["align_ratio"].mean()
+        return out
+
+
+def load_lm_pair(cfg: Config, teacher_needed: bool = True):
+    """Student, teacher (or None) and their tokenizers."""
+    s_tok = models.load_tokenizer(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
+    student = models.load_causal_lm(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
+    teacher = t_tok = None
+    if teacher_needed:
+        if not cfg.teacher:
+            raise LmdistillError("no teacher given: set teacher to a model folder, hub id or pkg:NAME")
+        t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
+        teacher = models.load_causal_lm(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
+    return student, teacher, s_tok, t_tok
+
+
+def apply_lora(student, lora: dict):
+    """Wrap the student with peft LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    conf = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+    conf.update(lora or {})
+    try:
+        return get_peft_model(student, LoraConfig(**conf))
+    except (TypeError, ValueError) as exc:
+        raise LmdistillError(f"train.lora is not a valid LoRA config ({exc}): see peft.LoraConfig") from exc
+
+
+def build_method(cfg: Config, student, teacher, s_tok, t_tok):
+    """The configured LM method."""
+    cls = get_method(cfg.method, "lm")
+    opts = build_options(cls.Options, cfg.method_args, cfg.method)
+    cache = models.cache_root(cfg.cache_dir)
+    return cls(opts, student, teacher, s_tok, t_tok, cache)
+
+
+def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = True) -> dict:
+    """Train a causal-LM student with ``cfg``; returns (and writes) the run's metrics."""
+    from datasets import Dataset
+
+    from lmdistill.eval.bpb import bpb_eval
+    from lmdistill.eval.generation import rouge_eval
+
+    t_start = time.time()
+    cls = get_method(cfg.method, "lm")
+    build_options(cls.Options, cfg.method_args, cfg.method)
+    if teacher_needed is None:
+        teacher_needed = cls.needs_teacher
+    if not cfg.data.train:
+        raise LmdistillError("data.train is empty: give the instruction JSONL file to train on")
+    rows = []
+    for src in cfg.data.train:
+        rows += read_instructions(resolve_data_path(src, cfg), cfg.data.max_examples)
+    evals = {name: resolve_data_path(p, cfg) for name, p in cfg.data.eval.items()}
+    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
+    out_dir = Path(cfg.output_dir)
+    metrics: dict = {"task": "lm", "method": cfg.method, "teacher": cfg.teacher, "student": cfg.student,
+                     "n_train": len(rows), "config": cfg.to_dict()}
+
+    def evaluate(ref_or_model, tok) -> dict:
+        res = {}
+        for name, path in evals.items():
+            r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
+                           greedy=cfg.eval.greedy, limit=cfg.data.eval_limit, batch_size=cfg.eval.batch_size,
+                           tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, progress=progress)
+            if cfg.eval.bpb:
+                r.update({k: v for k, v in bpb_eval(ref_or_model, path, limit=cfg.data.eval_limit, tokenizer=tok,
+                                                     batch_size=cfg.eval.batch_size, progress=progress).items()
+                          if k != "n"})
+            res[name] = r
+        return res
+
+    if evals and cfg.eval.before:
+        metrics["before"] = evaluate(student, s_tok)
+    if evals and cfg.eval.teacher and teacher is not None:
+        metrics["teacher_scores"] = evaluate(teacher, t_tok)
+    set_seed(cfg.train.seed)  # projector initialisation is part of the run's seed
+    method = build_method(cfg, student, teacher, s_tok, t_tok)
+    if cfg.train.lora:
+        student = apply_lora(student, cfg.train.lora)
+    wrapper = LMDistillModel(student, teacher, method)
+    ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows]})
+    collator = InstructionCollator(s_tok, t_tok if teacher_needed else None, cfg.data.max_length,
+                                   spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024))
+    ckpt_dir = out_dir / "checkpoints"
+    trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
+                             data_collator=collator, train_config=cfg.train)
+    resume = latest_checkpoint(ckpt_dir)
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_s = time.time() - t0
+    final = student.merge_and_unload() if cfg.train.lora else student
+    student_dir = out_dir / "student"
+    if student_dir.exists():
+        shutil.rmtree(student_dir)
+    final.save_pretrained(student_dir, safe_serialization=True)
+    s_tok.save_pretrained(student_dir)
+    metrics.update({
+        "resumed_from": resume, "train_seconds": round(train_s, 1), "steps": trainer.state.global_step,
+        "seconds_per_step": round(train_s / max(trainer.state.global_step, 1), 3),
+        "train_loss": round(float(result.training_loss), 6), "nonfinite_steps": trainer.nonfinite_total,
+        "log_history": trainer.state.log_history, "student_dir": str(student_dir),
+    })
+    if getattr(method, "shared", None) is not None:
+        metrics["shared_vocab"] = method.shared
+    if evals:
+        final.eval()
+        metrics["after"] = evaluate(final, s_tok)
+    metrics["total_seconds"] = round(time.time() - t_start, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
