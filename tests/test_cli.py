@@ -1,0 +1,72 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lmdistill", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT)
+
+
+def one_json(stdout: str) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, stdout
+    return json.loads(lines[0])
+
+
+def test_train_cache_and_eval_end_to_end(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):
+    common = [f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]"]
+    r = run("cache", "configs/tiny/talas-tiny.yaml", *common)
+    assert r.returncode == 0, r.stderr
+    assert "teacher cache ready: 64 sentences x 48 dims" in r.stdout
+    out = tmp_path / "run"
+    r = run("train", "configs/tiny/talas-tiny.yaml", *common, f"output_dir={out}", f"data.eval={{toy: {sts_file}}}")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and "after" in metrics and (out / "student" / "modules.json").exists()
+    assert "%|" in r.stderr  # progress bars
+    r = run("eval", "sts", "--model", out / "student", "--data", sts_file, "--json")
+    assert r.returncode == 0, r.stderr
+    res = one_json(r.stdout)
+    assert res["n"] == 6 and -100 <= res["spearman"] <= 100
+    assert res["spearman"] == metrics["after"]["toy"]["spearman"]
+
+
+def test_lm_commands_end_to_end(gpt2_lm, llama_lm, instructions_file, tmp_path):
+    r = run("train", "configs/tiny/sra-tiny.yaml", f"student={gpt2_lm}", f"teacher={llama_lm}",
+            f"data.train=[{instructions_file}]", f"data.eval={{toy: {instructions_file}}}", f"output_dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and {"rougeL", "bpb", "bpb_pooled"} <= set(metrics["after"]["toy"])
+    assert metrics["shared_vocab"] > 1000
+    r = run("eval", "rouge", "--model", tmp_path / "student", "--data", instructions_file, "--max-new-tokens", "4",
+            "--seeds", "10,20", "--limit", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    res = one_json(r.stdout)
+    assert res["n"] == 2 and len(res["per_seed"]) == 2
+    r = run("eval", "bpb", "--model", tmp_path / "student", "--data", instructions_file, "--json")
+    assert r.returncode == 0, r.stderr
+    res = one_json(r.stdout)
+    assert set(res) == {"bpb", "bpb_pooled", "n"} and res["bpb"] > 0
+    r = run("sft", "configs/tiny/sra-tiny.yaml", f"student={gpt2_lm}", f"data.train=[{instructions_file}]",
+            f"output_dir={tmp_path / 'sft'}", "data.eval={}")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "sft" / "student" / "config.json").exists()
+
+
+def test_errors_are_one_line_and_nonzero(tmp_path, sentences_file):
+    cases = [
+        (["train", "configs/tiny/talas-tiny.yaml", "train.lrr=1"], "unknown config key 'train.lrr'"),
+        (["train", tmp_path / "missing.yaml"], "not found"),
+        (["train", "configs/tiny/talas-tiny.yaml", "method=nope"], "unknown embedding method 'nope'"),
+        (["eval", "sts", "--model", tmp_path, "--data", tmp_path / "none.tsv"], "not found"),
+        (["train", "configs/tiny/talas-tiny.yaml", f"data.train=[{tmp_path / 'absent.txt'}]"], "not found"),
+    ]
+    for args, message in cases:
+        r = run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(err) == 1 and message in err[0], r.stderr

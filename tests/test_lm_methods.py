@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmdistill import models
+from lmdistill.config import build_options, load_config
+from lmdistill.data.readers import read_instructions
+from lmdistill.errors import LmdistillError
+from lmdistill.methods.llm.multilevel_ot import sinkhorn_cost, topk_by_mass
+from lmdistill.methods.llm.uld import sorted_l1
+from lmdistill.registry import get_method, list_methods
+from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method
+
+
+def test_sorted_l1_by_hand():
+    p_s = torch.tensor([[0.1, 0.7, 0.2]])
+    p_t = torch.tensor([[0.5, 0.5]])
+    # sorted: [0.7, 0.2, 0.1] vs [0.5, 0.5, 0] -> 0.2 + 0.3 + 0.1
+    assert float(sorted_l1(p_s, p_t)) == pytest.approx(0.6)
+
+
+def test_sinkhorn_by_hand():
+    cost = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    # the plan concentrates on the diagonal as eps -> 0: <P, C> -> 0; at eps = 1 it is
+    # P = [[a, b], [b, a]] / 2 with a = 1 / (1 + e^-1): <P, C> = b = e^-1 / (1 + e^-1)
+    assert float(sinkhorn_cost(cost, 0.01, 200)) == pytest.approx(0.0, abs=1e-6)
+    assert float(sinkhorn_cost(cost, 1.0, 200)) == pytest.approx(math.exp(-1) / (1 + math.exp(-1)), rel=1e-4)
+
+
+def test_topk_by_mass():
+    p = torch.tensor([[0.1, 0.6, 0.3], [0.2, 0.2, 0.6]])
+    # column masses [0.3, 0.8, 0.9]: columns 2 then 1
+    assert topk_by_mass(p, 2).flatten().tolist() == pytest.approx([0.3, 0.6, 0.6, 0.2])
+
+
+def test_registry():
+    assert set(list_methods("lm")) >= {"sra", "sft", "uld", "mined", "dskd", "multilevel_ot"}
+    assert set(list_methods("embedding")) >= {"talas", "embed_kd", "all_layer", "rkd", "stella"}
+    with pytest.raises(LmdistillError, match="unknown lm method"):
+        get_method("nope", "lm")
+
+
+def _setup(method, student, teacher, instructions_file, **opts):
+    cfg = load_config(None, ["task=lm", f"method={method}", f"student={student}", f"teacher={teacher}"])
+    cfg.method_args = opts
+    s_tok, t_tok = models.load_tokenizer(str(student)), models.load_tokenizer(str(teacher))
+    s = AutoModelForCausalLM.from_pretrained(student)
+    t = AutoModelForCausalLM.from_pretrained(teacher)
+    torch.manual_seed(0)
+    m = build_method(cfg, s, t, s_tok, t_tok)
+    wrapper = LMDistillModel(s, t, m)
+    rows = read_instructions(instructions_file)
+    coll = InstructionCollator(s_tok, t_tok, 64, spans=m.needs_spans)
+    batch = coll([{"prompt": r.prompt, "response": r.response} for r in rows])
+    return wrapper, batch
+
+
+METHODS = ["sft", "sra", "uld", "mined", "dskd", "multilevel_ot"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("direction", ["gpt2->llama", "llama->gpt2"])
+def test_method_runs_and_decreases_on_a_repeated_batch(method, direction, gpt2_lm, llama_lm, instructions_file):
+    student, teacher = (gpt2_lm, llama_lm) if direction == "gpt2->llama" else (llama_lm, gpt2_lm)
+    wrapper, batch = _setup(method, student, teacher, instructions_file)
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    teacher_before = {k: v.clone() for k, v in wrapper.teacher.state_dict().items()}
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        out = wrapper(**batch)
+        assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v)), out
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert losses[-1] < losses[0], losses
+    # the teacher is frozen
+    assert all(torch.equal(v, wrapper.teacher.state_dict()[k]) for k, v in teacher_before.items())
+
+
+def test_sra_logs_every_term_and_options(gpt2_lm, llama_lm, instructions_file):
+    wrapper, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file, velocity=True)
+    out = wrapper(**batch)
+    assert {"ce", "span", "velocity", "geo", "logit", "loss", "align_ratio"} <= set(out)
+    o = wrapper.method.opts
+    total = o.alpha * out["ce"] + (1 - o.alpha) * (o.c_span * (out["span"] + out["velocity"]) + o.lambda_geo * out["geo"]
+                                                   + out["logit"])
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-5)
+    for opts in ({"weighting": "uniform"}, {"weighting": "received"}, {"span_weighting": "uniform"},
+                 {"lambda_geo": 0.0, "w_logit": 0.0}, {"vocab_match": "exact"}, {"projector_init": "orthogonal"},
+                 {"layer_pairs": [[1, 2], [2, 2]]}):
+        w, b = _setup("sra", gpt2_lm, llama_lm, instructions_file, **opts)
+        res = w(**b)
+        assert torch.isfinite(res["loss"])
+        if opts.get("w_logit") == 0.0:
+            assert "logit" not in res and "geo" not in res
+
+
+def test_sra_refuses_bad_layers_and_options(gpt2_lm, llama_lm, instructions_file):
+    with pytest.raises(LmdistillError, match="out of range"):
+        _setup("sra", gpt2_lm, llama_lm, instructions_file, layer_pairs=[[3, 1]])
+    with pytest.raises(LmdistillError, match="weighting"):
+        _setup("sra", gpt2_lm, llama_lm, instructions_file, weighting="max")
+    with pytest.raises(LmdistillError, match="unknown option"):
+        build_options(get_method("sra", "lm").Options, {"gamma": 1}, "sra")
+
+
+def test_teacher_runs_without_lm_head_for_sra(gpt2_lm, llama_lm, instructions_file):
+    wrapper, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file)
+    calls = []
+    head = wrapper.teacher.get_output_embeddings()
+    head.register_forward_hook(lambda *a: calls.append(1))
+    wrapper(**batch)
+    assert calls == []  # the teacher head is applied to span CoMs only, never as a module over [B, T]
+
+
+def test_collator_labels_and_spans(gpt2_lm, llama_lm, instructions_file):
+    wrapper, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file)
+    s_tok = models.load_tokenizer(str(gpt2_lm))
+    rows = read_instructions(instructions_file)
+    ids = batch["s_input_ids"][0]
+    labels = batch["s_labels"][0]
+    text = s_tok.decode(ids[labels != -100])
+    assert rows[0].response in text and "Instruction" not in text
+    assert batch["span_mask"].sum() > 0
+    assert (batch["spans_s"][..., 1] >= batch["spans_s"][..., 0]).all()
+    assert np.isclose(float(batch["align_ratio"][0]), 1.0)
