@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -178,6 +179,38 @@ class DistillTrainer(Trainer):
             state[name] = t.detach().contiguous().cpu()
         return state
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write ``checkpoint-N`` under a staging name, then rename it: never half a checkpoint.
+
+        Out of disk (or any write error): the staging folder is removed, the previous
+        checkpoint stays the latest, and training stops with a clear error.
+        """
+        if self.nonfinite_run:  # inside a run of non-finite losses: keep the last good checkpoint
+            return
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, ".staging")
+        name = f"checkpoint-{self.state.global_step}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            target = os.path.join(run_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        except OSError as exc:
+            prev = latest_checkpoint(run_dir)
+            raise LmdistillError(
+                f"could not write {name} ({exc.strerror or exc}): free disk space and rerun the same command; "
+                f"the previous checkpoint {prev or '(none)'} is intact"
+            ) from exc
+        finally:
+            self.args.output_dir = run_dir
+            shutil.rmtree(staging, ignore_errors=True)
+        if self.state.best_model_checkpoint and ".staging" in self.state.best_model_checkpoint:
+            self.state.best_model_checkpoint = None
+        _rotate(run_dir, self.args.save_total_limit)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
@@ -194,6 +227,20 @@ class DistillTrainer(Trainer):
         model.load_state_dict(state, strict=False)
         if missing:
             raise LmdistillError(f"checkpoint {resume_from_checkpoint!r} lacks {sorted(missing)[:3]}: it is from another run")
+
+
+def _rotate(run_dir: str, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints."""
+    if not keep:
+        return
+    found = []
+    for d in Path(run_dir).glob("checkpoint-*"):
+        try:
+            found.append((int(d.name.split("-")[-1]), d))
+        except ValueError:
+            continue
+    for _, d in sorted(found)[:-keep]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def latest_checkpoint(folder: str | Path) -> str | None:
@@ -214,7 +261,8 @@ def latest_checkpoint(folder: str | Path) -> str | None:
 
 def _complete(d: Path) -> bool:
     """A checkpoint is complete when its weights and trainer state read back."""
-    if not (d / "trainer_state.json").is_file() or not (d / WEIGHTS).is_file():
+    needed = ("trainer_state.json", WEIGHTS, "optimizer.pt", "scheduler.pt")
+    if not all((d / f).is_file() for f in needed):
         return False
     try:
         load_file(d / WEIGHTS)
