@@ -4,11 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+import tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-import tiny
 from lmdistill.align.spans import align_offsets, align_text, encode_with_offsets
 
 PAIRS = [(tiny.GPT2, tiny.LLAMA), (tiny.LLAMA, tiny.GPT2), (tiny.GPT2, tiny.MISTRAL), (tiny.TINYLLAMA, tiny.MISTRAL)]

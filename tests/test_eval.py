@@ -5,10 +5,10 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from lmdistill.data.readers import StsPair
 from lmdistill.eval.bpb import bpb_eval, response_bits_and_bytes
 from lmdistill.eval.generation import rouge_eval, rouge_l
 from lmdistill.eval.sts import sts_spearman
-from lmdistill.data.readers import StsPair
 
 LETTERS = "abcdefghijklmnop"
 

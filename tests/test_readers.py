@@ -42,7 +42,8 @@ def test_sentences_dedup_and_quota(tmp_path):
 
 def test_instructions(tmp_path):
     f = tmp_path / "i.jsonl"
-    f.write_text(json.dumps({"prompt": "p", "output": ["r1", "r2"]}) + "\n" + json.dumps({"prompt": "q", "output": "s"}) + "\n")
+    rows = [{"prompt": "p", "output": ["r1", "r2"]}, {"prompt": "q", "output": "s"}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rows = read_instructions(f)
     assert rows[0].response == "r1" and rows[0].references == ("r1", "r2") and rows[1].response == "s"
     f.write_text(json.dumps({"prompt": "p"}) + "\n")

@@ -1,7 +1,6 @@
 """Kill and resume, truncated checkpoints, non-finite losses, planted pickles, determinism."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -79,7 +78,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous(tiny_st, tiny_st_studen
 
 
 def test_out_of_disk_keeps_the_previous_checkpoint(tiny_st, tiny_st_student, sentences_file, tmp_path, monkeypatch):
-    import lmdistill.train.base as base
+    from lmdistill.train import base
 
     real = base.save_file
     calls = {"n": 0}
@@ -152,7 +151,7 @@ def test_planted_pickle_in_a_checkpoint_executes_nothing(tiny_st, tiny_st_studen
     ckpt = Path(latest_checkpoint(tmp_path / "checkpoints"))
     for name in ("rng_state.pth", "optimizer.pt", "scheduler.pt"):
         torch.save({"state": Evil()}, ckpt / name)
-    with pytest.raises(Exception):
+    with pytest.raises(LmdistillError, match="not plain tensors.*nothing was executed"):
         emb.run_embedding(_cfg(tiny_st, tiny_st_student, sentences_file, tmp_path), progress=False)
     assert not marker.exists()
 

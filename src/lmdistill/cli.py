@@ -154,7 +154,7 @@ def cmd_bench_speed(args) -> int:
     from lmdistill.bench.speed import speed_benchmark
 
     methods = args.methods.split(",") if args.methods else None
-    res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset)
+    res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset, overrides=args.set)
     if args.json:
         _json_out(res)
     else:
@@ -241,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pair", choices=["lm", "embedding"], required=True)
     sp.add_argument("--methods", default=None)
     sp.add_argument("--steps", type=int, default=3)
-    sp.add_argument("--preset", choices=["cpu", "tiny"], default="cpu")
+    sp.add_argument("--preset", choices=["cpu"], default="cpu")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set teacher=my/teacher --set student=my/student")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_bench_speed)
 

@@ -160,7 +160,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise LmdistillError(f"config file {str(p)!r} is not valid YAML: {exc}".replace("\n", " "))
+            raise LmdistillError(f"config file {str(p)!r} is not valid YAML: {exc}".replace("\n", " ")) from exc
     for ov in overrides:
         keys, value = parse_override(ov)
         keys = _route(keys)

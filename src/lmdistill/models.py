@@ -207,8 +207,9 @@ def resolve(ref: str, cache_dir: str | None = None, tokenizer_only: bool = False
         if not p.is_dir():
             raise LmdistillError(f"model path {ref!r} is a file: give the model's folder")
         return str(p.resolve())
-    if ref.startswith((".", "/", "~")):
-        raise LmdistillError(f"model folder {ref!r} not found: check the path")
+    if ref.startswith((".", "/", "~")) or ref.count("/") >= 2:
+        hint = " (a model written by lmdistill sft/train: run that first)" if "runs/" in ref else ""
+        raise LmdistillError(f"model folder {ref!r} not found{hint}: check the path")
     return ref  # a hub id
 
 

@@ -6,7 +6,7 @@ A method is an ``nn.Module`` registered with ``@register("name", kind="embedding
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from lmdistill.errors import LmdistillError
 

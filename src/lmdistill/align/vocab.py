@@ -104,7 +104,8 @@ def shared_vocab(student_tok, teacher_tok, match: str = "normalised", cache_dir:
     """``[n, 2]`` pairs (student id, teacher id) of tokens with the same (normalised) string."""
     if match not in ("normalised", "exact"):
         raise LmdistillError(f"vocab_match must be 'normalised' or 'exact', got {match!r}")
-    path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"shared-{_pair_key(student_tok, teacher_tok, match)}.npy"
+    key = _pair_key(student_tok, teacher_tok, match)
+    path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"shared-{key}.npy"
 
     def compute():
         s = normalised_strings(student_tok, exact=match == "exact")
@@ -136,7 +137,8 @@ def edit_distance_map(student_tok, teacher_tok, cache_dir: Path | None = None) -
     with the same character (all student tokens when none does), with rapidfuzz's
     Levenshtein distance. Special tokens map to the student's unknown/eos token.
     """
-    path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"mined-{_pair_key(student_tok, teacher_tok, 'mined')}.npy"
+    key = _pair_key(student_tok, teacher_tok, "mined")
+    path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"mined-{key}.npy"
 
     def compute():
         from rapidfuzz.distance import Levenshtein

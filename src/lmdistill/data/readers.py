@@ -181,7 +181,7 @@ def read_instructions(path: str | Path, limit: int | None = None) -> list[Instru
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise LmdistillError(f"{str(p)!r} line {n} is not JSON ({exc.msg}): fix or remove the line")
+                    raise LmdistillError(f"{str(p)!r} line {n} is not JSON ({exc.msg}): fix or remove the line") from exc
     else:
         if p.suffix:
             raise LmdistillError(f"instruction file {str(path)!r} not found: check the path")

@@ -26,7 +26,7 @@ and the closure's backward all-reduces the descent gradient as well.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.optim import Optimizer

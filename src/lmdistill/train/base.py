@@ -222,11 +222,13 @@ class DistillTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, WEIGHTS)
         if not os.path.isfile(path):
             raise LmdistillError(f"checkpoint {resume_from_checkpoint!r} has no {WEIGHTS}: delete it to start over")
-        missing = set(self._trainable_state()) - set(load_file(path))
         state = load_file(path)
-        model.load_state_dict(state, strict=False)
+        missing = set(self._trainable_state()) - set(state)
         if missing:
-            raise LmdistillError(f"checkpoint {resume_from_checkpoint!r} lacks {sorted(missing)[:3]}: it is from another run")
+            raise LmdistillError(
+                f"checkpoint {resume_from_checkpoint!r} lacks {sorted(missing)[:3]}: it is from another run"
+            )
+        model.load_state_dict(state, strict=False)
 
 
 def _rotate(run_dir: str, keep: int | None) -> None:
@@ -272,6 +274,24 @@ def _complete(d: Path) -> bool:
     except Exception:  # noqa: BLE001 - any read failure means a truncated checkpoint
         return False
     return True
+
+
+def train_resuming(trainer: Trainer, ckpt_dir: str | Path):
+    """Train, resuming from the newest complete checkpoint in ``ckpt_dir`` if there is one.
+
+    Returns ``(train_output, resumed_from)``. A checkpoint whose optimizer, scheduler or RNG
+    file holds anything but plain tensors is refused (they are read with ``weights_only``).
+    """
+    import pickle
+
+    resume = latest_checkpoint(ckpt_dir)
+    try:
+        return trainer.train(resume_from_checkpoint=resume), resume
+    except pickle.UnpicklingError as exc:
+        raise LmdistillError(
+            f"checkpoint {resume} holds objects that are not plain tensors (refused, nothing was executed): "
+            "delete that checkpoint folder to resume from an earlier one"
+        ) from exc
 
 
 def steps_for(n_examples: int, tc: TrainConfig) -> int:

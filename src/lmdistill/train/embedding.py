@@ -27,7 +27,7 @@ from lmdistill.eval.sts import sts_spearman
 from lmdistill.methods.embedding.base import pool
 from lmdistill.registry import get_method
 from lmdistill.train import cache as tcache
-from lmdistill.train.base import DistillTrainer, latest_checkpoint, training_arguments
+from lmdistill.train.base import DistillTrainer, train_resuming, training_arguments
 
 log = logging.getLogger("lmdistill")
 
@@ -206,9 +206,8 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
         data_collator=SentenceCollator(student.tokenizer, teacher_emb, cfg.data.max_length),
         train_config=cfg.train,
     )
-    resume = latest_checkpoint(ckpt_dir)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = train_resuming(trainer, ckpt_dir)
     train_s = time.time() - t0
     student_dir = out_dir / "student"
     if student_dir.exists():

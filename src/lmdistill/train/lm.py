@@ -29,7 +29,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.base import Response, Side, num_layers
 from lmdistill.registry import get_method
-from lmdistill.train.base import DistillTrainer, latest_checkpoint, training_arguments
+from lmdistill.train.base import DistillTrainer, train_resuming, training_arguments
 
 log = logging.getLogger("lmdistill")
 
@@ -269,9 +269,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
                              data_collator=collator, train_config=cfg.train)
-    resume = latest_checkpoint(ckpt_dir)
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result, resume = train_resuming(trainer, ckpt_dir)
     train_s = time.time() - t0
     final = student.merge_and_unload() if cfg.train.lora else student
     student_dir = out_dir / "student"

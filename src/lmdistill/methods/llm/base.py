@@ -33,7 +33,7 @@ class Response:
     target: torch.Tensor  # [N]
 
     @classmethod
-    def from_labels(cls, labels: torch.Tensor) -> "Response":
+    def from_labels(cls, labels: torch.Tensor) -> Response:
         """Positions ``t`` whose next token ``labels[:, t+1]`` is a response token."""
         nxt = labels[:, 1:]
         b, t = torch.nonzero(nxt != -100, as_tuple=True)

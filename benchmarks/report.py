@@ -1,0 +1,105 @@
+"""Tables, plots and the README's results section, generated from benchmarks/results/*.json.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmdistill.bench.quality import summarise  # noqa: E402
+from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _latest(prefix: str) -> dict | None:
+    files = sorted(RESULTS.glob(f"{prefix}-*.json"))
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def _stamp(rec: dict) -> str:
+    m = rec["machine"]
+    return (f"{rec['time']}, commit {str(rec.get('git_commit'))[:10]}, {m['cpus']} CPUs"
+            f"{', ' + m['gpu'] if m.get('gpu') else ''}, torch {rec['versions']['torch']}")
+
+
+def embedding_section(rec: dict) -> str:
+    rows = summarise(rec)
+    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step")
+    evals: list[str] = []
+    for r in rows:
+        evals += [k for k in r if k not in evals and k not in meta]
+    table = []
+    points = []
+    for r in rows:
+        table.append([r["variant"]] + [fmt(*r[e]) if e in r else "-" for e in evals]
+                     + [fmt(r.get("seconds_per_step"), None, 2) if r.get("seconds_per_step") else "-", str(r["n_seeds"])])
+        if r.get("seconds_per_step") and evals and evals[0] in r:
+            points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
+    png = RESULTS / f"embedding-{rec['preset']}.png"
+    if points:
+        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} Spearman x100",
+                           f"Embedding distillation ({rec['preset']} preset)", png)
+    md = markdown_table(["variant"] + [f"{e} Spearman" for e in evals] + ["s/step", "seeds"], table)
+    return (f"### Sentence embeddings: all-mpnet-base-v2 -> MiniLM-L6 layers 0,2,4 ({rec['preset']} preset)\n\n"
+            f"{_stamp(rec)}. Mean ± standard deviation over seeds. Overrides: `{' '.join(rec['overrides'][:6])}`.\n\n"
+            f"{md}\n\n![score against cost](benchmarks/results/{png.name})\n")
+
+
+def lm_section(rec: dict) -> str:
+    rows_r = summarise(rec, "rougeL")
+    rows_b = summarise(rec, "bpb")
+    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step")
+    evals = [k for k in rows_r[0] if k not in meta] if rows_r else []
+    table, points = [], []
+    for r, b in zip(rows_r, rows_b):
+        cells = [r["variant"]]
+        for e in evals:
+            cells += [fmt(r[e][0]) if e in r else "-", fmt(b[e][0], None, 3) if e in b else "-"]
+        cells.append(fmt(r.get("seconds_per_step")) if r.get("seconds_per_step") else "-")
+        table.append(cells)
+        if r.get("seconds_per_step") and evals and evals[0] in r:
+            points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
+    png = RESULTS / f"lm-{rec['preset']}.png"
+    if points:
+        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
+    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step"]
+    return (f"### Cross-tokenizer LM: Gemma-3-270M -> SmolLM2-135M ({rec['preset']} preset)\n\n{_stamp(rec)}. "
+            f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
+            f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
+
+
+def speed_section(rec: dict) -> str:
+    rows = [["floor", fmt(rec["floor"]["s_per_step"], None, 3), fmt(rec["floor"]["peak_mb"], None, 0), "1.00"]]
+    for name, r in rec["methods"].items():
+        rows.append([name, fmt(r["s_per_step"], None, 3), fmt(r["peak_mb"], None, 0), fmt(r["ratio"])])
+    floor = ("teacher forward without LM head + student SFT step" if rec["pair"] == "lm"
+             else "student step with a cached teacher (cosine KD, AdamW)")
+    return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed steps)\n\n"
+            f"{_stamp(rec)}. Floor: {floor}. Peak memory on the CPU is the peak resident set of a fresh process "
+            f"per method (model loading included).\n\n"
+            f"{markdown_table(['method', 's/step', 'peak MB', 'x floor'], rows)}\n")
+
+
+def main() -> None:
+    parts = []
+    for prefix, fn in (("embedding-cpu", embedding_section), ("embedding-full", embedding_section),
+                       ("lm-cpu", lm_section), ("lm-full", lm_section), ("speed-embedding", speed_section),
+                       ("speed-lm", speed_section)):
+        rec = _latest(prefix)
+        if rec:
+            parts.append(fn(rec))
+    section = "\n".join(parts) if parts else "(no benchmark results yet)"
+    (RESULTS / "RESULTS.md").write_text("# Benchmark results\n\n" + section.replace("benchmarks/results/", ""))
+    update_readme(ROOT / "README.md", section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

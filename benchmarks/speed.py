@@ -1,0 +1,42 @@
+"""Cost benchmark: seconds per step and peak memory of every method against its floor, for
+both pairs, written to benchmarks/results/speed-<pair>-<time>.json.
+
+    python benchmarks/speed.py [--pair lm|embedding|both] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmdistill.bench.speed import speed_benchmark  # noqa: E402
+from lmdistill.report.records import environment  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--pair", choices=["lm", "embedding", "both"], default="both")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--teacher", default=None, help="LM teacher override (cost does not depend on fine-tuning)")
+    args = ap.parse_args()
+    for pair in (["embedding", "lm"] if args.pair == "both" else [args.pair]):
+        ov = [f"teacher={args.teacher}"] if (args.teacher and pair == "lm") else []
+        res = speed_benchmark(pair, steps=args.steps, preset=args.preset, overrides=ov)
+        res.update(environment())
+        res["overrides"] = ov
+        out = ROOT / "benchmarks" / "results" / f"speed-{pair}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+        print(json.dumps({"floor": res["floor"], "methods": res["methods"]}, indent=1))
+        print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Quality benchmarks: every method on the same teacher, student, data and budget, in one run.
+
+A benchmark is a list of *variants* (a method with its options, or an ablation), each trained
+once per seed with equal steps, then evaluated on every evaluation file. Results are written
+to ``benchmarks/results/<kind>-<preset>-<time>.json`` after every run, so a stopped benchmark
+keeps what it measured; ``report`` turns the JSON files into tables, plots and the README
+section. Evaluation files are configurable (``--eval name=path``): any file of a supported
+format is a new column, with no code change.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmdistill.config import load_config
+from lmdistill.report.records import environment
+
+
+@dataclass
+class Variant:
+    """One row of a benchmark table."""
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+    kind: str = "train"  # train | student (untrained) | teacher
+    group: str = "method"  # method | ablation | reference
+
+
+EMBEDDING_VARIANTS = [
+    Variant("teacher", kind="teacher", group="reference"),
+    Variant("student (untrained)", kind="student", group="reference"),
+    Variant("talas", ["method=talas"]),
+    Variant("embed_kd (mse)", ["method=embed_kd", "method_args={loss: mse}", "train.optimizer=adamw"]),
+    Variant("embed_kd (cosine)", ["method=embed_kd", "method_args={loss: cosine}", "train.optimizer=adamw"]),
+    Variant("all_layer", ["method=all_layer", "method_args={}", "train.optimizer=adamw"]),
+    Variant("rkd", ["method=rkd", "method_args={}", "train.optimizer=adamw"]),
+    Variant("stella", ["method=stella", "method_args={}", "train.optimizer=adamw"]),
+    Variant("talas: AdamW instead of ASAM", ["method=talas", "train.optimizer=adamw"], group="ablation"),
+    Variant("talas: no layer-aligned term", ["method=talas", "method_args.w_lasd=0.0"], group="ablation"),
+    Variant("talas: detach_upper", ["method=talas", "method_args.detach_upper=true"], group="ablation"),
+    Variant("talas: K=1", ["method=talas", "method_args.k=1"], group="ablation"),
+    Variant("talas: K=3", ["method=talas", "method_args.k=3"], group="ablation"),
+]
+
+LM_VARIANTS = [
+    Variant("teacher (fine-tuned)", kind="teacher", group="reference"),
+    Variant("student (undistilled)", kind="student", group="reference"),
+    Variant("sra", ["method=sra"]),
+    Variant("sft", ["method=sft", "method_args={}"]),
+    Variant("uld", ["method=uld", "method_args={}"]),
+    Variant("mined", ["method=mined", "method_args={}"]),
+    Variant("dskd", ["method=dskd", "method_args={}", "train.projector_lr=1e-3"]),
+    Variant("multilevel_ot", ["method=multilevel_ot", "method_args={}"]),
+    Variant("sra: uniform token weights (mean pooling)", ["method=sra", "method_args.weighting=uniform"], group="ablation"),
+    Variant("sra: uniform span weights", ["method=sra", "method_args.span_weighting=uniform"], group="ablation"),
+    Variant("sra: no geometric term", ["method=sra", "method_args.lambda_geo=0.0"], group="ablation"),
+    Variant("sra: no span logit term", ["method=sra", "method_args.w_logit=0.0"], group="ablation"),
+]
+
+
+def _scores(metrics: dict, key: str) -> dict:
+    return {name: res for name, res in metrics.get(key, {}).items()}
+
+
+def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], seeds: list[int],
+                  overrides: list[str], results_dir: Path, work_dir: Path, only: list[str] | None = None) -> Path:
+    """Train and evaluate every variant for every seed; returns the result JSON's path."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_path = results_dir / f"{kind}-{preset}-{stamp}.json"
+    record = {"kind": kind, "preset": preset, "config": config, "overrides": overrides, "seeds": seeds,
+              **environment(), "runs": []}
+    base = load_config(config, overrides)
+    record["resolved_config"] = base.to_dict()
+
+    def save():
+        out_path.write_text(json.dumps(record, indent=1, default=str))
+
+    for v in variants:
+        if only and v.name not in only:
+            continue
+        for seed in ([seeds[0]] if v.kind != "train" else seeds):
+            run_dir = work_dir / f"{v.name.replace(' ', '_').replace(':', '').replace('(', '').replace(')', '')}-s{seed}"
+            ov = list(overrides) + v.overrides + [f"output_dir={run_dir}", f"train.seed={seed}"]
+            t0 = time.time()
+            entry = {"variant": v.name, "group": v.group, "seed": seed, "kind": v.kind}
+            try:
+                entry.update(_run_one(kind, config, ov, v.kind))
+            except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
+                entry["error"] = f"{type(exc).__name__}: {exc}"
+            entry["wall_seconds"] = round(time.time() - t0, 1)
+            record["runs"].append(entry)
+            save()
+            shutil.rmtree(run_dir, ignore_errors=True)
+            brief = {k: entry.get(k) for k in ("scores", "seconds_per_step", "error")}
+            print(f"[bench] {v.name} seed {seed}: {json.dumps(brief)}", flush=True)
+    return out_path
+
+
+def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
+    if kind == "embedding":
+        from lmdistill import models
+        from lmdistill.config import resolve_data_path
+        from lmdistill.train.embedding import evaluate_sts, run_embedding, teacher_scores
+
+        cfg = load_config(config, ov)
+        evals = {n: resolve_data_path(p, cfg) for n, p in cfg.data.eval.items()}
+        if vkind == "teacher":
+            return {"scores": {n: r["spearman"] for n, r in teacher_scores(cfg, evals, progress=False).items()}}
+        if vkind == "student":
+            st = models.load_sentence_model(cfg.student, cfg.student_layers, cfg.cache_dir)
+            return {"scores": {n: r["spearman"] for n, r in evaluate_sts(st, evals, cfg.eval.batch_size, False).items()}}
+        cfg.eval.before = False
+        cfg.eval.teacher = False
+        m = run_embedding(cfg, progress=False)
+        return {"scores": {n: r["spearman"] for n, r in m["after"].items()}, "seconds_per_step": m["seconds_per_step"],
+                "steps": m["steps"], "train_loss": m["train_loss"]}
+    from lmdistill.config import resolve_data_path
+    from lmdistill.eval.bpb import bpb_eval
+    from lmdistill.eval.generation import rouge_eval
+    from lmdistill.train.lm import run_lm
+
+    cfg = load_config(config, ov)
+    if vkind in ("teacher", "student"):
+        ref = cfg.teacher if vkind == "teacher" else cfg.student
+        scores = {}
+        for n, p in cfg.data.eval.items():
+            path = resolve_data_path(p, cfg)
+            r = rouge_eval(ref, path, cfg.eval.max_new_tokens, cfg.eval.seeds, cfg.eval.greedy, cfg.data.eval_limit,
+                           cfg.eval.batch_size, progress=False)
+            b = bpb_eval(ref, path, cfg.data.eval_limit, cfg.eval.batch_size, progress=False)
+            scores[n] = {"rougeL": r["rougeL"], "bpb": b["bpb"], "bpb_pooled": b["bpb_pooled"], "n": r["n"]}
+        return {"scores": scores}
+    cfg.eval.before = False
+    cfg.eval.teacher = False
+    m = run_lm(cfg, progress=False)
+    scores = {n: {k: r.get(k) for k in ("rougeL", "bpb", "bpb_pooled", "n")} for n, r in m["after"].items()}
+    return {"scores": scores, "seconds_per_step": m["seconds_per_step"], "steps": m["steps"],
+            "train_loss": m["train_loss"]}
+
+
+def summarise(record: dict, metric: str | None = None) -> list[dict]:
+    """Per variant: mean and standard deviation over seeds of every score, and seconds per step."""
+    by: dict[str, list[dict]] = {}
+    order: list[str] = []
+    for r in record["runs"]:
+        if r["variant"] not in by:
+            order.append(r["variant"])
+        by.setdefault(r["variant"], []).append(r)
+    rows = []
+    for name in order:
+        runs = [r for r in by[name] if "scores" in r]
+        row = {"variant": name, "group": by[name][0]["group"], "n_seeds": len(runs),
+               "errors": [r["error"] for r in by[name] if "error" in r]}
+        if runs:
+            for ev in runs[0]["scores"]:
+                vals = [r["scores"][ev] if metric is None else r["scores"][ev][metric] for r in runs]
+                row[ev] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
+            sps = [r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]
+            row["seconds_per_step"] = statistics.mean(sps) if sps else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,176 @@
+"""Cost of each method: seconds per optimizer step and peak memory, with the same batch.
+
+Each method runs a few optimizer steps (forward, backward, the (A)SAM closure where the
+method's recipe uses it, the optimizer update) on one fixed batch; the first step is a
+warm-up and is not timed. Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` with
+the counter reset per method, all in this process; on the CPU, the peak resident set of a
+fresh child process per method (loading included, so it is what a training run needs),
+because a process's CPU peak cannot be reset.
+
+The floor a method cannot beat: for the LM pair, the teacher forward without LM head plus
+the student's SFT step; for embeddings, the student's step with a cached teacher (cosine
+embedding KD, AdamW). Each method's ``ratio`` is its seconds per step over the floor's.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import time
+
+import torch
+
+from lmdistill.config import load_config, resolve_data_path
+
+LM_METHODS = ["sft", "sra", "uld", "mined", "dskd", "multilevel_ot"]
+EMB_METHODS = ["talas", "embed_kd", "all_layer", "rkd", "stella"]
+PRESETS = {
+    "cpu": {
+        "lm": {"config": "configs/sra-gemma270m-to-smollm2.yaml", "batch": 4, "max_length": 128},
+        "embedding": {"config": "configs/talas-mpnet-to-minilm-l3.yaml", "batch": 32, "max_length": 64},
+    },
+}
+
+
+def _recipe_optimizer(method: str, pair: str) -> str:
+    return "asam" if (pair == "embedding" and method == "talas") else "adamw"
+
+
+def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
+    from lmdistill.data.readers import read_instructions
+    from lmdistill.methods.llm.sft import SFT
+    from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method, load_lm_pair
+
+    name = "sft" if floor else method
+    extra = [f"method={name}"] + ([] if name == "sra" else ["method_args={}"])  # the config holds SRA's options
+    cfg = load_config(PRESETS_CFG["lm"], cfg_overrides + extra)
+    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed=True)
+    torch.manual_seed(0)
+    m = build_method(cfg, student, teacher, s_tok, t_tok)
+    if floor:
+        m.needs_teacher = True  # SFT plus the teacher forward (no LM head): the floor
+        assert isinstance(m, SFT)
+    wrapper = LMDistillModel(student, teacher, m)
+    rows = read_instructions(resolve_data_path(cfg.data.train[0], cfg), cfg.train.batch_size)
+    batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs_spans)(
+        [{"prompt": r.prompt, "response": r.response} for r in rows])
+    return wrapper, batch, cfg
+
+
+def _emb_step_fn(cfg_overrides: list[str], method: str, floor: bool):
+    from lmdistill.train.embedding import (
+        EmbeddingDistillModel,
+        SentenceCollator,
+        build_student_and_method,
+        pooling_mode,
+        teacher_cache,
+        training_sentences,
+    )
+
+    extra = ["method=embed_kd", "method_args={loss: cosine}"] if floor else [f"method={method}"]
+    if not floor and method != "talas":
+        extra.append("method_args={}")
+    cfg = load_config(PRESETS_CFG["embedding"], cfg_overrides + extra)
+    sentences = training_sentences(cfg)
+    cached = teacher_cache(cfg, sentences, progress=False)
+    torch.manual_seed(0)
+    student, m = build_student_and_method(cfg, cached.shape[1])
+    wrapper = EmbeddingDistillModel(student, m, pooling_mode(student))
+    coll = SentenceCollator(student.tokenizer, cached, cfg.data.max_length)
+    batch = coll([{"text": s, "idx": i} for i, s in enumerate(sentences[: cfg.train.batch_size])])
+    return wrapper, batch, cfg
+
+
+def config_path(name: str) -> str:
+    """A shipped config: from the current folder, else from the repository this package runs from."""
+    from pathlib import Path
+
+    here = Path(name)
+    if here.exists():
+        return str(here)
+    return str(Path(__file__).resolve().parents[3] / name)
+
+
+PRESETS_CFG = {k: config_path(v["config"]) for k, v in PRESETS["cpu"].items()}
+
+
+def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str]) -> dict:
+    from lmdistill.optim import ASAM
+
+    build = _lm_step_fn if pair == "lm" else _emb_step_fn
+    wrapper, batch, cfg = build(overrides, method, floor)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    wrapper.to(device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    wrapper.train()
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    opt_name = "adamw" if floor else _recipe_optimizer(method, pair)
+    opt = ASAM(torch.optim.AdamW(params, lr=1e-5), rho=0.0 if opt_name == "adamw" else cfg.train.rho,
+               eta=cfg.train.eta, max_grad_norm=1.0)
+
+    def closure():
+        loss = wrapper(**batch)["loss"]
+        loss.backward()
+        return loss
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        closure()
+        opt.step(closure)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:
+            times.append(time.perf_counter() - t0)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"s_per_step": round(sum(times) / len(times), 4), "peak_mb": round(peak, 1),
+            "optimizer": opt_name, "batch": int(batch[next(iter(batch))].shape[0])}
+
+
+def _child(q, *args):
+    try:
+        q.put(("ok", _measure(*args)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        q.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def _run_isolated(*args) -> dict:
+    if torch.cuda.is_available():
+        return _measure(*args)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, *args))
+    p.start()
+    status, value = q.get()
+    p.join()
+    if status != "ok":
+        from lmdistill.errors import LmdistillError
+
+        raise LmdistillError(f"speed benchmark of {args[1]} failed: {value}")
+    return value
+
+
+def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3, preset: str = "cpu",
+                    overrides: list[str] | None = None) -> dict:
+    """The ``lmdistill bench speed`` result: the floor and every method, with ratios."""
+    from lmdistill.registry import get_method
+
+    methods = methods or (LM_METHODS if pair == "lm" else EMB_METHODS)
+    for m in methods:
+        get_method(m, "lm" if pair == "lm" else "embedding")
+    p = PRESETS[preset][pair]
+    ov = [f"train.batch_size={p['batch']}", f"data.max_length={p['max_length']}"] + list(overrides or [])
+    floor = _run_isolated(pair, "floor", True, steps, ov)
+    out = {"pair": pair, "steps": steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "floor": floor, "methods": {}}
+    for m in methods:
+        r = _run_isolated(pair, m, False, steps, ov)
+        r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
+        out["methods"][m] = r
+    return out
