@@ -48,6 +48,8 @@ def cmd_train(args) -> int:
         from lmdistill.train.lm import run_lm
 
         metrics = run_lm(cfg)
+    if "rank" in metrics:  # a non-main process of a distributed run
+        return 0
     summary = {k: metrics[k] for k in ("method", "steps", "seconds_per_step", "before", "after", "teacher_scores",
                                        "student_dir") if k in metrics}
     print(json.dumps(summary, indent=2))

@@ -157,9 +157,13 @@ class DistillTrainer(Trainer):
         self._micro = []
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        for k, vals in self._terms.items():
-            if vals and k != "loss":
-                logs[k] = round(sum(vals) / len(vals), 6)
+        names = sorted(k for k, vals in self._terms.items() if vals and k != "loss")
+        if names:
+            means = torch.tensor([sum(self._terms[k]) / len(self._terms[k]) for k in names],
+                                 device=self.args.device)
+            if self.accelerator.num_processes > 1:  # the mean over all processes, like the loss
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs.update({k: round(float(v), 6) for k, v in zip(names, means)})
         self._terms = {}
         if self.nonfinite_total:
             logs["nonfinite_steps"] = self.nonfinite_total
@@ -182,22 +186,29 @@ class DistillTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """Write ``checkpoint-N`` under a staging name, then rename it: never half a checkpoint.
 
-        Out of disk (or any write error): the staging folder is removed, the previous
-        checkpoint stays the latest, and training stops with a clear error.
+        Every process writes its part (e.g. its RNG state) into the staging folder; the main
+        process renames it once all are done. Out of disk (or any write error): the staging
+        folder is removed, the previous checkpoint stays the latest, and training stops with
+        a clear error.
         """
         if self.nonfinite_run:  # inside a run of non-finite losses: keep the last good checkpoint
             return
         run_dir = self.args.output_dir
-        staging = os.path.join(run_dir, ".staging")
         name = f"checkpoint-{self.state.global_step}"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = os.path.join(run_dir, f".staging-{name}")
+        main = self.is_world_process_zero()
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         self.args.output_dir = staging
         try:
             super()._save_checkpoint(model, trial)
-            target = os.path.join(run_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(staging, name), target)
+            self.accelerator.wait_for_everyone()
+            if main:
+                target = os.path.join(run_dir, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                os.replace(os.path.join(staging, name), target)
         except OSError as exc:
             prev = latest_checkpoint(run_dir)
             raise LmdistillError(
@@ -206,10 +217,13 @@ class DistillTrainer(Trainer):
             ) from exc
         finally:
             self.args.output_dir = run_dir
-            shutil.rmtree(staging, ignore_errors=True)
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
         if self.state.best_model_checkpoint and ".staging" in self.state.best_model_checkpoint:
             self.state.best_model_checkpoint = None
-        _rotate(run_dir, self.args.save_total_limit)
+        if main:
+            _rotate(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir

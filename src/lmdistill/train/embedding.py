@@ -209,6 +209,8 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
     t0 = time.time()
     result, resume = train_resuming(trainer, ckpt_dir)
     train_s = time.time() - t0
+    if not trainer.is_world_process_zero():  # other processes of a distributed run stop here
+        return {"steps": trainer.state.global_step, "rank": trainer.args.process_index}
     student_dir = out_dir / "student"
     if student_dir.exists():
         shutil.rmtree(student_dir)

@@ -272,6 +272,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     t0 = time.time()
     result, resume = train_resuming(trainer, ckpt_dir)
     train_s = time.time() - t0
+    if not trainer.is_world_process_zero():  # other processes of a distributed run stop here
+        return {"steps": trainer.state.global_step, "rank": trainer.args.process_index}
     final = student.merge_and_unload() if cfg.train.lora else student
     student_dir = out_dir / "student"
     if student_dir.exists():
