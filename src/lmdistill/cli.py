@@ -191,36 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model")
     esub = e.add_subparsers(dest="metric", required=True)
-    for name, func, helptext in (("sts", cmd_eval_sts, "STS cosine Spearman"),
-                                 ("mteb", cmd_eval_mteb, "STS through MTEB on a local file")):
+    for name, func, helptext, batch in (
+        ("sts", cmd_eval_sts, "STS cosine Spearman", 64),
+        ("mteb", cmd_eval_mteb, "STS through MTEB on a local file", 64),
+        ("rouge", cmd_eval_rouge, "generation ROUGE-L on an instruction JSONL file", 8),
+        ("bpb", cmd_eval_bpb, "bits per byte of the reference responses", 8),
+    ):
         s = esub.add_parser(name, help=helptext)
         s.add_argument("--model", required=True)
         s.add_argument("--data", required=True)
-        s.add_argument("--batch-size", type=int, default=64)
+        s.add_argument("--batch-size", type=int, default=batch)
         s.add_argument("--json", action="store_true")
         s.add_argument("--trust-remote-code", action="store_true")
         if name == "mteb":
             s.add_argument("--task", default="STSBenchmark")
+        if name in ("rouge", "bpb"):
+            s.add_argument("--limit", type=int, default=None)
+        if name == "rouge":
+            s.add_argument("--max-new-tokens", type=int, default=256)
+            s.add_argument("--seeds", default="10")
+            s.add_argument("--greedy", action="store_true")
         s.set_defaults(func=func)
-    r = esub.add_parser("rouge", help="generation ROUGE-L on an instruction JSONL file")
-    r.add_argument("--model", required=True)
-    r.add_argument("--data", required=True)
-    r.add_argument("--max-new-tokens", type=int, default=256)
-    r.add_argument("--seeds", default="10")
-    r.add_argument("--greedy", action="store_true")
-    r.add_argument("--limit", type=int, default=None)
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--json", action="store_true")
-    r.add_argument("--trust-remote-code", action="store_true")
-    r.set_defaults(func=cmd_eval_rouge)
-    b = esub.add_parser("bpb", help="bits per byte of the reference responses")
-    b.add_argument("--model", required=True)
-    b.add_argument("--data", required=True)
-    b.add_argument("--limit", type=int, default=None)
-    b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--json", action="store_true")
-    b.add_argument("--trust-remote-code", action="store_true")
-    b.set_defaults(func=cmd_eval_bpb)
 
     a = sub.add_parser("align", help="spans shared by two tokenizations of a text")
     a.add_argument("--student", required=True)

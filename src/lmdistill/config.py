@@ -59,6 +59,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive NaN/inf losses before training stops
     lora: dict[str, Any] | None = None  # LM student only: peft LoraConfig keys
     gradient_checkpointing: bool = False
+    group_by_length: bool = True  # batches of similar length: far less padding (a seeded, shuffled order)
     dataloader_workers: int = 0
 
 

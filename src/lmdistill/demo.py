@@ -27,7 +27,7 @@ def demo_config(output_dir: str):
     if not REPO_CONFIG.exists():  # installed without the repository: the same recipe
         cfg = load_config(None, overrides + [
             "task=embedding", "method=talas", "teacher=pkg:all-mpnet-base-v2", "student=pkg:all-minilm-l6-v2",
-            "student_layers=[0,2,4]", "data.max_examples=6000", "data.max_length=64", "train.epochs=2",
+            "student_layers=[0,2,4]", "data.max_examples=8000", "data.max_length=64", "train.epochs=3",
             "train.batch_size=32", "train.lr=3e-4", "train.projector_lr=3e-3", "train.save_steps=50",
             "data.train=[ud_ewt_text/en_ewt-train.txt,stsb/stsb-en-train.csv,sick/SICK_train.txt]",
             "data.eval={stsb_test: stsb/stsb-en-test.csv, sickr_test: sick/SICK_test_annotated.txt}",

@@ -57,6 +57,8 @@ def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> Trai
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=tc.dataloader_workers,
+        train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
+        length_column_name="length",
         disable_tqdm=False,
         **extra,
     )

@@ -263,7 +263,10 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     if cfg.train.lora:
         student = apply_lora(student, cfg.train.lora)
     wrapper = LMDistillModel(student, teacher, method)
-    ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows]})
+    lengths = [min(len(ids), cfg.data.max_length)
+               for ids in s_tok([r.prompt + r.response for r in rows])["input_ids"]]
+    ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows],
+                            "length": lengths})
     collator = InstructionCollator(s_tok, t_tok if teacher_needed else None, cfg.data.max_length,
                                    spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024))
     ckpt_dir = out_dir / "checkpoints"
