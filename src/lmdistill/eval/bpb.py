@@ -20,11 +20,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmdistill.data.readers import read_instructions
 from lmdistill.eval.generation import _load
+
+
+@torch.no_grad()
+def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """``log p(ids[:, t+1] | ids[:, :t+1])`` ``[B, T-1]`` without a ``[B, T, V]`` log-softmax.
+
+    For a transformers causal LM the decoder runs alone and the LM head is applied to chunks
+    of positions (a 262k vocabulary at 8 x 512 tokens would be 4 GB of logits).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = ids[:, 1:]
+    if hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
+        from lmdistill.train.lm import _head, decoder_and_head
+
+        decoder, head, softcap = decoder_and_head(model)
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
+        flat_h = hidden.reshape(-1, hidden.size(-1))
+        flat_t = target.reshape(-1)
+        out = torch.empty(flat_t.shape, dtype=torch.float32, device=ids.device)
+        for i in range(0, flat_h.size(0), chunk):
+            z = _head(head, softcap, flat_h[i:i + chunk]).float()
+            out[i:i + chunk] = z.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        return out.view_as(target).cpu()
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    return (logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
 
 
 def response_bits_and_bytes(tok, model, prompts: list[str], responses: list[str]) -> list[tuple[float, int]]:
@@ -37,9 +61,7 @@ def response_bits_and_bytes(tok, model, prompts: list[str], responses: list[str]
     device = next(model.parameters()).device
     ids = enc["input_ids"].to(device)
     mask = enc["attention_mask"].to(device)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    logp = F.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # [B, T-1]
+    logp = _target_logprobs(model, ids, mask)  # [B, T-1]: log p(token t+1 | tokens <= t)
     out = []
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         r = len(prompt)

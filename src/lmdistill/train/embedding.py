@@ -197,7 +197,8 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
     if cfg.eval.before and evals:
         metrics["before"] = evaluate_sts(student, evals, cfg.eval.batch_size, progress)
     wrapper = EmbeddingDistillModel(student, method, pooling_mode(student))
-    lengths = [len(ids) for ids in student.tokenizer(sentences, truncation=True, max_length=cfg.data.max_length)["input_ids"]]
+    token_ids = student.tokenizer(sentences, truncation=True, max_length=cfg.data.max_length)["input_ids"]
+    lengths = [len(ids) for ids in token_ids]
     ds = Dataset.from_dict({"text": sentences, "idx": list(range(len(sentences))), "length": lengths})
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(
