@@ -48,7 +48,9 @@ def embedding_section(rec: dict) -> str:
                            f"Embedding distillation ({rec['preset']} preset)", png)
     md = markdown_table(["variant"] + [f"{e} Spearman" for e in evals] + ["s/step", "seeds"], table)
     return (f"### Sentence embeddings: all-mpnet-base-v2 -> MiniLM-L6 layers 0,2,4 ({rec['preset']} preset)\n\n"
-            f"{_stamp(rec)}. Mean ± standard deviation over seeds. Overrides: `{' '.join(rec['overrides'][:6])}`.\n\n"
+            f"{_stamp(rec)}. Mean ± standard deviation over seeds {rec['seeds']}; variants run: "
+            f"{len({r['variant'] for r in rec['runs']})} of the benchmark's list (a stopped run keeps what it measured). "
+            f"Overrides: `{' '.join(rec['overrides'][:6])}`.\n\n"
             f"{md}\n\n![score against cost](benchmarks/results/{png.name})\n")
 
 

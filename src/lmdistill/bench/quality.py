@@ -78,8 +78,10 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
     base = load_config(config, overrides)
     record["resolved_config"] = base.to_dict()
 
-    def save():
-        out_path.write_text(json.dumps(record, indent=1, default=str))
+    repo = str(Path(__file__).resolve().parents[3]) + "/"
+
+    def save():  # paths inside the repository are written relative to it
+        out_path.write_text(json.dumps(record, indent=1, default=str).replace(repo, ""))
 
     for v in variants:
         if only and v.name not in only:
