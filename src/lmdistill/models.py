@@ -312,3 +312,27 @@ def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bo
         return AutoModelForCausalLM.from_pretrained(resolve(ref, cache_dir), **kwargs)
     except OSError as exc:
         raise LmdistillError(f"could not load causal LM {ref!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def decoder_and_head(model):
+    """The decoder stack (no LM head) and the output embedding of a causal LM (peft-aware)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+
+
+def lm_head_logits(head, softcap, x, ids=None, detach_weight: bool = False):
+    """Logits of ``x`` through an LM head (only the ``ids`` rows when given), with soft-capping."""
+    import torch
+    import torch.nn.functional as F
+
+    w = head.weight if ids is None else head.weight[ids]
+    b = getattr(head, "bias", None)
+    if b is not None and ids is not None:
+        b = b[ids]
+    if detach_weight:
+        w = w.detach()
+        b = None if b is None else b.detach()
+    z = F.linear(x.to(w.dtype), w, b)
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return z

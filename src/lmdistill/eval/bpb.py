@@ -36,7 +36,7 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     target = ids[:, 1:]
     if hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
-        from lmdistill.train.lm import _head, decoder_and_head
+        from lmdistill.models import decoder_and_head, lm_head_logits
 
         decoder, head, softcap = decoder_and_head(model)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
@@ -44,7 +44,7 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 
         flat_t = target.reshape(-1)
         out = torch.empty(flat_t.shape, dtype=torch.float32, device=ids.device)
         for i in range(0, flat_h.size(0), chunk):
-            z = _head(head, softcap, flat_h[i:i + chunk]).float()
+            z = lm_head_logits(head, softcap, flat_h[i:i + chunk]).float()
             out[i:i + chunk] = z.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
         return out.view_as(target).cpu()
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()

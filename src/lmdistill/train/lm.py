@@ -28,6 +28,7 @@ from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.base import Response, Side, num_layers
+from lmdistill.models import decoder_and_head, lm_head_logits
 from lmdistill.registry import get_method
 from lmdistill.train.base import DistillTrainer, train_resuming, training_arguments
 
@@ -100,27 +101,6 @@ class InstructionCollator:
         return out
 
 
-def decoder_and_head(model):
-    """The decoder stack (no LM head) and the output embedding of a causal LM (peft-aware)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
-
-
-def _head(head: nn.Module, softcap, x: torch.Tensor, ids: torch.Tensor | None = None,
-          detach_weight: bool = False) -> torch.Tensor:
-    w = head.weight if ids is None else head.weight[ids]
-    b = getattr(head, "bias", None)
-    if b is not None and ids is not None:
-        b = b[ids]
-    if detach_weight:
-        w = w.detach()
-        b = None if b is None else b.detach()
-    z = F.linear(x.to(w.dtype), w, b)
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
-    return z
-
-
 class LMDistillModel(nn.Module):
     """Student (trained), teacher (frozen) and the method's modules."""
 
@@ -154,7 +134,7 @@ class LMDistillModel(nn.Module):
             hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
             hidden[num_layers(model)] = out.last_hidden_state  # the last block, after the final norm
             resp = Response.from_labels(labels)
-            z = _head(head, softcap, out.last_hidden_state[resp.b, resp.t]) if logits else None
+            z = lm_head_logits(head, softcap, out.last_hidden_state[resp.b, resp.t]) if logits else None
         rows = capture.rows() if capture is not None else {}
         return Side(hidden=hidden, resp=resp, logits=z, rows=rows, input_ids=ids, attention_mask=mask)
 
@@ -174,11 +154,12 @@ class LMDistillModel(nn.Module):
         heads = {
             "ce": ce,
             "student_head_weight": s_head.weight,
-            "student_logits": lambda x, ids=None, detach_weight=False: _head(s_head, s_cap, x, ids, detach_weight),
+            "student_logits": lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids, detach_weight),
         }
         if self.teacher is not None:
             _, t_head, t_cap = decoder_and_head(self.teacher)
-            heads["teacher_logits"] = lambda x, ids=None, detach_weight=True: _head(t_head, t_cap, x, ids, detach_weight)
+            heads["teacher_logits"] = lambda x, ids=None, detach_weight=True: lm_head_logits(
+                t_head, t_cap, x, ids, detach_weight)
         out = m(batch, s, t, heads)
         if "align_ratio" in batch:
             out["align_ratio"] = batch["align_ratio"].mean()
