@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from lmdistill.align.spans import align_offsets, align_text, encode_with_offsets
+from lmdistill.align.spans import align_batch, align_offsets, align_text, encode_with_offsets
 
 PAIRS = [(tiny.GPT2, tiny.LLAMA), (tiny.LLAMA, tiny.GPT2), (tiny.GPT2, tiny.MISTRAL), (tiny.TINYLLAMA, tiny.MISTRAL)]
 _TOKS: dict = {}
@@ -149,3 +149,26 @@ def test_cli_align_json(gpt2_lm, llama_lm):
     assert {"spans", "stats"} <= set(obj)
     assert all(set(sp) == {"chars", "student", "teacher"} for sp in obj["spans"])
     assert obj["spans"][-1]["chars"][1] == len("Q: hi\nA: Hello worldwide")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(alphabet, min_size=0, max_size=30).map("".join), min_size=1, max_size=5),
+       st.sampled_from(PAIRS), st.sampled_from([3, 1024]))
+def test_batch_alignment_equals_row_by_row(responses, pair, max_spans):
+    """One call for the batch gives, row for row, what each row gives alone (subsampling too)."""
+    prompt = "Q: say it\nA:"
+    s_tok, t_tok = tok(pair[0]), tok(pair[1])
+    s_enc = [encode_with_offsets(s_tok, prompt + r) for r in responses]
+    t_enc = [encode_with_offsets(t_tok, prompt + r) for r in responses]
+    starts, ends = [len(prompt)] * len(responses), [len(prompt + r) for r in responses]
+    batch = align_batch([e[1] for e in s_enc], [e[1] for e in t_enc], starts, ends,
+                        [e[2] for e in s_enc], [e[2] for e in t_enc], max_spans)
+    assert batch.mask.shape[0] == len(responses)
+    for i, (se, te) in enumerate(zip(s_enc, t_enc)):
+        alone = align_offsets(se[1], te[1], starts[i], ends[i], se[2], te[2], max_spans)
+        got = batch.row(i)
+        assert got.chars.tolist() == alone.chars.tolist()
+        assert got.student.tolist() == alone.student.tolist()
+        assert got.teacher.tolist() == alone.teacher.tolist()
+        assert got.stats == alone.stats
+        assert not batch.mask[i, len(alone):].any()

@@ -17,7 +17,8 @@ span's characters, and the spans partition the aligned part of the response.
 * Truncation: spans stop at the last common cut, wherever each side was cut.
 * ``max_spans``: beyond it, spans are subsampled uniformly (``stats["subsampled"]``).
 
-Everything is vectorised with numpy: the cost is a few array operations per sequence.
+Everything is vectorised with numpy over the whole batch (:func:`align_batch`): the cost is a
+few array operations per batch, not per sequence.
 """
 
 from __future__ import annotations
@@ -53,23 +54,120 @@ class Alignment:
         }
 
 
-def _side(offsets: np.ndarray, keep: np.ndarray | None):
-    """Real tokens of one side: their indices, filled starts and (monotone) ends."""
-    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-    real = offsets[:, 1] > offsets[:, 0]
-    if keep is not None:
-        real &= np.asarray(keep, dtype=bool)
-    idx = np.nonzero(real)[0]
-    if len(idx) == 0:
-        return idx, idx, idx
-    ends = np.maximum.accumulate(offsets[idx, 1])
-    starts = np.concatenate([offsets[idx[:1], 0], ends[:-1]])
-    return idx, starts, ends
+def _tokens(offsets: list, keep: list):
+    """Real tokens of all rows, concatenated: their row, index in the row, raw offsets."""
+    arrays = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in offsets]
+    lengths = np.array([len(o) for o in arrays], dtype=np.int64)
+    off = np.concatenate(arrays)
+    real = off[:, 1] > off[:, 0]
+    if any(k is not None for k in keep):
+        real &= np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
+                                for n, k in zip(lengths, keep)])
+    pos = np.nonzero(real)[0]
+    row = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)[pos]
+    return row, pos - (np.cumsum(lengths) - lengths)[row], off[pos]
 
 
-def _empty(stats: dict) -> Alignment:
-    z = np.zeros((0, 2), dtype=np.int64)
-    return Alignment(z, z.copy(), z.copy(), stats)
+@dataclass
+class BatchAlignment:
+    """Spans of a batch, padded to the longest row (``K >= 1``): ``chars``, ``student``, ``teacher``
+    are ``[B, K, 2]`` (as in :class:`Alignment`), ``mask`` is ``[B, K]``; ``stats`` one dict per row."""
+
+    chars: np.ndarray
+    student: np.ndarray
+    teacher: np.ndarray
+    mask: np.ndarray
+    stats: list
+
+    def row(self, i: int) -> Alignment:
+        n = int(self.mask[i].sum())
+        return Alignment(self.chars[i, :n], self.student[i, :n], self.teacher[i, :n], self.stats[i])
+
+
+def align_batch(
+    student_offsets: list, teacher_offsets: list, response_starts, response_ends=None,
+    student_keep: list | None = None, teacher_keep: list | None = None, max_spans: int = 1024,
+) -> BatchAlignment:
+    """Spans of every row of a batch at once (see :func:`align_offsets` for one row).
+
+    A fixed number of numpy operations for the whole batch, both sides together: this is what
+    keeps alignment a small fraction of tokenisation (``benchmarks/align_cost.py``).
+
+    How: the 2B rows (student rows, then teacher rows) are laid end to end, character c of row
+    r getting the key r * stride + c. Token ends are made monotone within each row (one running
+    maximum serves all rows, since later rows have larger keys); a side's cuts are its token
+    ends and each row's first start (uncovered characters go to the token that follows them),
+    marked in a boolean table; the common cuts are where the student half and the teacher half
+    of the table agree. Every span bound is a token end of both sides, so a span's tokens on a
+    side are the run of (sorted) end keys in (previous bound, bound]: two searchsorted calls.
+    """
+    b = len(student_offsets)
+    if b == 0:
+        z = np.zeros((0, 1, 2), dtype=np.int64)
+        return BatchAlignment(z, z.copy(), z.copy(), np.zeros((0, 1), dtype=bool), [])
+    keep = [*(student_keep or [None] * b), *(teacher_keep or [None] * b)]
+    row, idx, off = _tokens([*student_offsets, *teacher_offsets], keep)
+    stride = int(off.max(initial=0)) + 1
+    base = row * stride
+    ends = np.maximum.accumulate(off[:, 1] + base) if len(row) else np.zeros(0, dtype=np.int64)
+    first = np.ones(len(row), dtype=bool)
+    first[1:] = row[1:] != row[:-1]
+    table = np.zeros(2 * b * stride, dtype=bool)
+    table[ends] = True
+    table[off[first, 0] + base[first]] = True
+    common = np.nonzero(table[:b * stride] & table[b * stride:])[0]  # sorted, unique
+
+    rs = np.asarray(response_starts, dtype=np.int64).reshape(b)
+    if response_ends is None:
+        response_ends = np.zeros(b, dtype=np.int64)
+        np.maximum.at(response_ends, row % b, off[:, 1])
+    resp_chars = np.maximum(np.asarray(response_ends, dtype=np.int64).reshape(b) - rs, 0)
+    c_row = common // stride
+    in_response = common - c_row * stride >= rs[c_row]
+    common, c_row = common[in_response], c_row[in_response]
+    # span j ends at common[j] and starts at the previous common cut of the same row
+    is_end = np.zeros(len(common), dtype=bool)
+    is_end[1:] = c_row[1:] == c_row[:-1]
+    hi, lo = common[is_end], common[:-1][is_end[1:]]
+    span_row, n = c_row[is_end], int(is_end.sum())
+    shift = b * stride  # teacher keys
+    first_tok = np.searchsorted(ends, np.concatenate([lo, lo + shift]), side="right")
+    last_tok = np.searchsorted(ends, np.concatenate([hi, hi + shift]), side="right") - 1
+    base = span_row * stride
+    every = np.stack([lo - base, hi - base, idx[first_tok[:n]], idx[last_tok[:n]] + 1,
+                      idx[first_tok[n:]], idx[last_tok[n:]] + 1], axis=1)
+    per_side = np.bincount(np.concatenate([span_row, span_row + b]), weights=last_tok - first_tok + 1,
+                           minlength=2 * b).reshape(2, b)
+
+    n_spans = np.bincount(span_row, minlength=b)
+    aligned = np.bincount(span_row, weights=hi - lo, minlength=b).astype(np.int64)
+    row_start = np.cumsum(n_spans) - n_spans
+    slot = np.arange(n) - np.repeat(row_start, n_spans)  # index within its row
+    subsampled = n_spans > max_spans
+    kept = np.minimum(n_spans, max_spans)
+    if subsampled.any():  # uniform subsampling (the rounded points are distinct: spacing > 1)
+        keep = np.ones(n, dtype=bool)
+        for r in np.nonzero(subsampled)[0]:
+            keep[row_start[r]:row_start[r] + n_spans[r]] = False
+            keep[row_start[r] + np.linspace(0, n_spans[r] - 1, max_spans).round().astype(np.int64)] = True
+        slot = (np.cumsum(keep) - 1) - np.repeat(np.cumsum(kept) - kept, n_spans)
+        every, span_row, slot = every[keep], span_row[keep], slot[keep]
+    k = max(int(kept.max()), 1)  # one masked slot at least: padded tensors are never empty
+    out = np.zeros((b, k, 6), dtype=np.int64)
+    mask = np.zeros((b, k), dtype=bool)
+    out[span_row, slot] = every
+    mask[span_row, slot] = True
+
+    safe = np.maximum(n_spans, 1)
+    ratio = np.where((resp_chars > 0) & (n_spans > 0), aligned / np.maximum(resp_chars, 1), 0.0).round(4)
+    per_span = (per_side / safe).round(4).tolist()
+    stats = [{"n_spans": ns, "aligned_chars": c, "response_chars": rc, "ratio": q, "student_tokens_per_span": sp,
+              "teacher_tokens_per_span": tp, "subsampled": sub}
+             for ns, c, rc, q, sp, tp, sub in zip(n_spans.tolist(), aligned.tolist(), resp_chars.tolist(),
+                                                  ratio.tolist(), per_span[0], per_span[1], subsampled.tolist())]
+    for r in np.nonzero(subsampled)[0]:
+        stats[r]["n_spans_kept"] = int(kept[r])
+    return BatchAlignment(out[..., 0:2], out[..., 2:4], out[..., 4:6], mask, stats)
 
 
 def align_offsets(
@@ -80,48 +178,11 @@ def align_offsets(
 
     ``*_keep`` (optional boolean masks) exclude further tokens, e.g. padding or specials with
     non-empty offsets. ``response_end`` (default: the furthest token end) is used for the
-    alignment ratio only.
+    alignment ratio only. One row of :func:`align_batch`.
     """
-    s_idx, s_start, s_end = _side(student_offsets, student_keep)
-    t_idx, t_start, t_end = _side(teacher_offsets, teacher_keep)
-    if response_end is None:
-        response_end = int(max(s_end[-1] if len(s_end) else 0, t_end[-1] if len(t_end) else 0))
-    resp_chars = max(int(response_end) - int(response_start), 0)
-    stats = {"n_spans": 0, "aligned_chars": 0, "response_chars": resp_chars, "ratio": 0.0,
-             "student_tokens_per_span": 0.0, "teacher_tokens_per_span": 0.0, "subsampled": False}
-    if len(s_idx) == 0 or len(t_idx) == 0:
-        return _empty(stats)
-    s_cuts = np.union1d(s_end, s_start[:1])
-    t_cuts = np.union1d(t_end, t_start[:1])
-    common = np.intersect1d(s_cuts, t_cuts, assume_unique=True)
-    common = common[common >= response_start]
-    if len(common) < 2:
-        return _empty(stats)
-    c0, bounds = common[0], common[1:]
-
-    def assign(idx, ends):
-        sel = (ends > c0) & (ends <= bounds[-1])
-        k = np.searchsorted(bounds, ends[sel], side="left")  # bounds[k-1] < end <= bounds[k]
-        tok = idx[sel]
-        first = np.searchsorted(k, np.arange(len(bounds)), side="left")
-        last = np.searchsorted(k, np.arange(len(bounds)), side="right")
-        return np.stack([tok[first], tok[last - 1] + 1], axis=1), last - first
-
-    s_rng, s_n = assign(s_idx, s_end)
-    t_rng, t_n = assign(t_idx, t_end)
-    chars = np.stack([np.concatenate([[c0], bounds[:-1]]), bounds], axis=1)
-    stats.update({
-        "n_spans": int(len(bounds)),
-        "aligned_chars": int(bounds[-1] - c0),
-        "ratio": round(float(bounds[-1] - c0) / resp_chars, 4) if resp_chars else 0.0,
-        "student_tokens_per_span": round(float(s_n.mean()), 4),
-        "teacher_tokens_per_span": round(float(t_n.mean()), 4),
-    })
-    if len(bounds) > max_spans:
-        keep = np.unique(np.linspace(0, len(bounds) - 1, max_spans).round().astype(np.int64))
-        chars, s_rng, t_rng = chars[keep], s_rng[keep], t_rng[keep]
-        stats.update({"subsampled": True, "n_spans_kept": int(len(keep))})
-    return Alignment(chars.astype(np.int64), s_rng.astype(np.int64), t_rng.astype(np.int64), stats)
+    return align_batch([student_offsets], [teacher_offsets], [response_start],
+                       None if response_end is None else [response_end],
+                       [student_keep], [teacher_keep], max_spans).row(0)
 
 
 def encode_with_offsets(tokenizer, text: str, max_length: int | None = None, add_special_tokens: bool = True):

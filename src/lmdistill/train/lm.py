@@ -22,7 +22,7 @@ from torch import nn
 from transformers import set_seed
 
 from lmdistill import models
-from lmdistill.align.spans import align_offsets
+from lmdistill.align.spans import align_batch
 from lmdistill.config import Config, build_options, resolve_data_path
 from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
@@ -35,24 +35,28 @@ from lmdistill.train.base import DistillTrainer, train_resuming, training_argume
 log = logging.getLogger("lmdistill")
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int):
-    """``ids``, ``labels`` (response tokens + EOS), offsets and real-token mask of one example."""
-    text = prompt + response
-    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
+def encode_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[tuple]:
+    """Per example: ``ids``, ``labels`` (response tokens + EOS), offsets and real-token mask.
+
+    One tokenizer call for the batch (the fast tokenizer encodes the rows in parallel).
+    """
+    texts = [p + r for p, r in zip(prompts, responses)]
+    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
                     max_length=max_length - 1)
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    special = list(enc["special_tokens_mask"])
-    r = len(prompt)
-    labels = [tid if (not sp and e > r and e > s) else -100 for tid, (s, e), sp in zip(ids, offsets, special)]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)
-        offsets.append((0, 0))
-        special.append(1)
-        labels.append(eos)
-    keep = [not sp for sp in special]
-    return ids, labels, np.asarray(offsets, dtype=np.int64), np.asarray(keep, dtype=bool)
+    out = []
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+        keep = ~np.asarray(enc["special_tokens_mask"][i], dtype=bool)
+        resp = keep & (offsets[:, 1] > len(prompt)) & (offsets[:, 1] > offsets[:, 0])
+        labels = np.where(resp, ids, -100)
+        if eos is not None and (len(ids) == 0 or ids[-1] != eos):
+            ids, labels = np.append(ids, eos), np.append(labels, eos)
+            offsets = np.concatenate([offsets, np.zeros((1, 2), dtype=np.int64)])
+            keep = np.append(keep, False)
+        out.append((ids.tolist(), labels.tolist(), offsets, keep))
+    return out
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -70,34 +74,25 @@ class InstructionCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         out: dict = {}
-        s_enc = [encode_example(self.s_tok, r["prompt"], r["response"], self.max_length) for r in rows]
+        prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
+        s_enc = encode_batch(self.s_tok, prompts, responses, self.max_length)
         out["s_input_ids"] = _pad([e[0] for e in s_enc], self.s_tok.pad_token_id)
         out["s_attention_mask"] = _pad([[1] * len(e[0]) for e in s_enc], 0)
         out["s_labels"] = _pad([e[1] for e in s_enc], -100)
         if self.t_tok is None:
             return out
-        t_enc = [encode_example(self.t_tok, r["prompt"], r["response"], self.max_length) for r in rows]
+        t_enc = encode_batch(self.t_tok, prompts, responses, self.max_length)
         out["t_input_ids"] = _pad([e[0] for e in t_enc], self.t_tok.pad_token_id)
         out["t_attention_mask"] = _pad([[1] * len(e[0]) for e in t_enc], 0)
         out["t_labels"] = _pad([e[1] for e in t_enc], -100)
         if self.spans:
-            aligns = []
-            for r, se, te in zip(rows, s_enc, t_enc):
-                text = r["prompt"] + r["response"]
-                aligns.append(align_offsets(se[2], te[2], len(r["prompt"]), len(text), se[3], te[3], self.max_spans))
-            self.stats = [a.stats for a in aligns]
-            k = max(1, max(len(a) for a in aligns))
-            spans_s = torch.zeros(len(rows), k, 2, dtype=torch.long)
-            spans_t = torch.zeros(len(rows), k, 2, dtype=torch.long)
-            mask = torch.zeros(len(rows), k, dtype=torch.long)
-            for i, a in enumerate(aligns):
-                n = len(a)
-                if n:
-                    spans_s[i, :n] = torch.from_numpy(a.student)
-                    spans_t[i, :n] = torch.from_numpy(a.teacher)
-                    mask[i, :n] = 1
-            out.update({"spans_s": spans_s, "spans_t": spans_t, "span_mask": mask,
-                        "align_ratio": torch.tensor([a.stats["ratio"] for a in aligns], dtype=torch.float32)})
+            al = align_batch([e[2] for e in s_enc], [e[2] for e in t_enc], [len(p) for p in prompts],
+                             [len(p) + len(r) for p, r in zip(prompts, responses)], [e[3] for e in s_enc],
+                             [e[3] for e in t_enc], self.max_spans)
+            self.stats = al.stats
+            out.update({"spans_s": torch.from_numpy(al.student), "spans_t": torch.from_numpy(al.teacher),
+                        "span_mask": torch.from_numpy(al.mask.astype(np.int64)),
+                        "align_ratio": torch.tensor([st["ratio"] for st in al.stats], dtype=torch.float32)})
         return out
 
 
