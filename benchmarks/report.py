@@ -18,14 +18,39 @@ from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, up
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _latest(prefix: str) -> dict | None:
+def _merged(prefix: str) -> dict | None:
+    """The latest run of a benchmark, with the runs of earlier files of the same protocol (same
+    config and overrides) merged in: seeds run in separate sessions make one table. A (variant,
+    seed) measured twice keeps its latest result; a reference (teacher, untrained student) is
+    deterministic and counted once."""
     files = sorted(RESULTS.glob(f"{prefix}-*.json"))
-    return json.loads(files[-1].read_text()) if files else None
+    if not files:
+        return None
+    recs = [json.loads(f.read_text()) for f in files]
+    base = dict(recs[-1])
+    if "runs" not in base:  # the speed benchmark: one run is the whole measurement
+        return base
+    same = [r for r in recs if r.get("config") == base.get("config") and r.get("overrides") == base.get("overrides")]
+    seen, runs = set(), []
+    for rec in reversed(same):
+        for run in rec["runs"]:
+            key = (run["variant"], run["seed"] if run.get("kind", "train") == "train" else None)
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for rec in same for r in rec["runs"]))}
+    base["runs"] = sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
+    base["seeds"] = sorted({s for rec in same for s in rec["seeds"]})
+    base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] for rec in same))
+    base["times"] = [rec["time"] for rec in same]
+    return base
 
 
 def _stamp(rec: dict) -> str:
     m = rec["machine"]
-    return (f"{rec['time']}, commit {str(rec.get('git_commit'))[:10]}, {m['cpus']} CPUs"
+    commits = ", ".join(rec.get("commits") or [str(rec.get("git_commit"))[:10]])
+    when = " and ".join(rec.get("times") or [rec["time"]])
+    return (f"{when}, commit {commits}, {m['cpus']} CPUs"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, torch {rec['versions']['torch']}")
 
 
@@ -94,7 +119,7 @@ def main() -> None:
     for prefix, fn in (("embedding-cpu", embedding_section), ("embedding-full", embedding_section),
                        ("lm-cpu", lm_section), ("lm-full", lm_section), ("speed-embedding", speed_section),
                        ("speed-lm", speed_section)):
-        rec = _latest(prefix)
+        rec = _merged(prefix)
         if rec:
             parts.append(fn(rec))
     section = "\n".join(parts) if parts else "(no benchmark results yet)"
