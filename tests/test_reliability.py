@@ -74,6 +74,9 @@ def test_truncated_checkpoint_falls_back_to_the_previous(tiny_st, tiny_st_studen
     assert latest_checkpoint(ckpts).endswith("checkpoint-4")
     (ckpts / "checkpoint-4" / "trainer_state.json").write_text("{trunc")
     assert latest_checkpoint(ckpts).endswith("checkpoint-2")
+    optim = ckpts / "checkpoint-2" / "optimizer.pt"
+    optim.write_bytes(optim.read_bytes()[:-10])
+    assert latest_checkpoint(ckpts) is None
     assert not any(p.name.startswith(".staging") for p in ckpts.iterdir())
 
 

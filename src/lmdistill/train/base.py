@@ -262,30 +262,47 @@ def _rotate(run_dir: str, keep: int | None) -> None:
 
 
 def latest_checkpoint(folder: str | Path) -> str | None:
-    """The newest complete ``checkpoint-N`` folder under ``folder`` (incomplete ones skipped)."""
+    """The newest complete ``checkpoint-N`` folder under ``folder`` (incomplete ones skipped).
+
+    Checked newest first, and cheaply: nothing is loaded here (the Trainer loads the one chosen).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return None
     cands = []
     for d in folder.glob("checkpoint-*"):
         try:
-            step = int(d.name.split("-")[-1])
+            cands.append((int(d.name.split("-")[-1]), d))
         except ValueError:
             continue
+    for _, d in sorted(cands, reverse=True):
         if _complete(d):
-            cands.append((step, d))
-    return str(max(cands)[1]) if cands else None
+            return str(d)
+    return None
 
 
 def _complete(d: Path) -> bool:
-    """A checkpoint is complete when its weights and trainer state read back."""
+    """A checkpoint is complete when all its files are whole: the weights' safetensors header
+    reads and the file is exactly as long as the header says; the optimizer and scheduler
+    (zip archives written by ``torch.save``) end with their central directory; the trainer
+    state is valid JSON. A file cut short by a crash fails one of these."""
+    import json
+    import struct
+    import zipfile
+
     needed = ("trainer_state.json", WEIGHTS, "optimizer.pt", "scheduler.pt")
     if not all((d / f).is_file() for f in needed):
         return False
     try:
-        load_file(d / WEIGHTS)
-        import json
-
+        with open(d / WEIGHTS, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if (d / WEIGHTS).stat().st_size != 8 + n + end:
+            return False
+        for f in ("optimizer.pt", "scheduler.pt"):
+            with zipfile.ZipFile(d / f) as z:
+                z.namelist()
         json.loads((d / "trainer_state.json").read_text())
     except Exception:  # noqa: BLE001 - any read failure means a truncated checkpoint
         return False
