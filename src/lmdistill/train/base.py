@@ -309,6 +309,33 @@ def _complete(d: Path) -> bool:
     return True
 
 
+def train_and_measure(trainer: Trainer, ckpt_dir: str | Path) -> dict | None:
+    """Train (resuming if a checkpoint is there) and return what every run reports: steps,
+    time, loss, skipped steps, log. ``None`` on processes other than the main one."""
+    import time
+
+    t0 = time.time()
+    result, resume = train_resuming(trainer, ckpt_dir)
+    train_s = time.time() - t0
+    if not trainer.is_world_process_zero():
+        return None
+    steps = trainer.state.global_step
+    return {"resumed_from": resume, "train_seconds": round(train_s, 1), "steps": steps,
+            "seconds_per_step": round(train_s / max(steps, 1), 4), "train_loss": round(float(result.training_loss), 6),
+            "nonfinite_steps": trainer.nonfinite_total, "log_history": trainer.state.log_history}
+
+
+def write_metrics(out_dir: Path, metrics: dict, t_start: float) -> dict:
+    """Finish a run's metrics (total time) and write them to ``out_dir/metrics.json``."""
+    import json
+    import time
+
+    metrics["total_seconds"] = round(time.time() - t_start, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
 def train_resuming(trainer: Trainer, ckpt_dir: str | Path):
     """Train, resuming from the newest complete checkpoint in ``ckpt_dir`` if there is one.
 

@@ -27,7 +27,7 @@ from lmdistill.eval.sts import sts_spearman
 from lmdistill.methods.embedding.base import pool
 from lmdistill.registry import get_method
 from lmdistill.train import cache as tcache
-from lmdistill.train.base import DistillTrainer, train_resuming, training_arguments
+from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
 
 log = logging.getLogger("lmdistill")
 
@@ -208,29 +208,14 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
         data_collator=SentenceCollator(student.tokenizer, teacher_emb, cfg.data.max_length),
         train_config=cfg.train,
     )
-    t0 = time.time()
-    result, resume = train_resuming(trainer, ckpt_dir)
-    train_s = time.time() - t0
-    if not trainer.is_world_process_zero():  # other processes of a distributed run stop here
+    run = train_and_measure(trainer, ckpt_dir)
+    if run is None:  # other processes of a distributed run stop here
         return {"steps": trainer.state.global_step, "rank": trainer.args.process_index}
     student_dir = out_dir / "student"
     if student_dir.exists():
         shutil.rmtree(student_dir)
     student.save(str(student_dir))
-    metrics.update({
-        "resumed_from": resume,
-        "train_seconds": round(train_s, 1),
-        "cache_seconds": round(cache_s, 1),
-        "steps": trainer.state.global_step,
-        "seconds_per_step": round(train_s / max(trainer.state.global_step, 1), 4),
-        "train_loss": round(float(result.training_loss), 6),
-        "nonfinite_steps": trainer.nonfinite_total,
-        "log_history": trainer.state.log_history,
-        "student_dir": str(student_dir),
-    })
+    metrics.update({**run, "cache_seconds": round(cache_s, 1), "student_dir": str(student_dir)})
     if evals:
         metrics["after"] = evaluate_sts(student, evals, cfg.eval.batch_size, progress)
-    metrics["total_seconds"] = round(time.time() - t_start, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    return metrics
+    return write_metrics(out_dir, metrics, t_start)

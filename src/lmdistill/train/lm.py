@@ -9,7 +9,6 @@ response, and hands both sides to the method.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -30,7 +29,7 @@ from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.base import Response, Side, num_layers
 from lmdistill.models import decoder_and_head, lm_head_logits
 from lmdistill.registry import get_method
-from lmdistill.train.base import DistillTrainer, train_resuming, training_arguments
+from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
 
 log = logging.getLogger("lmdistill")
 
@@ -248,10 +247,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
                              data_collator=collator, train_config=cfg.train)
-    t0 = time.time()
-    result, resume = train_resuming(trainer, ckpt_dir)
-    train_s = time.time() - t0
-    if not trainer.is_world_process_zero():  # other processes of a distributed run stop here
+    run = train_and_measure(trainer, ckpt_dir)
+    if run is None:  # other processes of a distributed run stop here
         return {"steps": trainer.state.global_step, "rank": trainer.args.process_index}
     final = student.merge_and_unload() if cfg.train.lora else student
     student_dir = out_dir / "student"
@@ -259,18 +256,10 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         shutil.rmtree(student_dir)
     final.save_pretrained(student_dir, safe_serialization=True)
     s_tok.save_pretrained(student_dir)
-    metrics.update({
-        "resumed_from": resume, "train_seconds": round(train_s, 1), "steps": trainer.state.global_step,
-        "seconds_per_step": round(train_s / max(trainer.state.global_step, 1), 3),
-        "train_loss": round(float(result.training_loss), 6), "nonfinite_steps": trainer.nonfinite_total,
-        "log_history": trainer.state.log_history, "student_dir": str(student_dir),
-    })
+    metrics.update({**run, "student_dir": str(student_dir)})
     if getattr(method, "shared", None) is not None:
         metrics["shared_vocab"] = method.shared
     if evals:
         final.eval()
         metrics["after"] = evaluate(final, s_tok)
-    metrics["total_seconds"] = round(time.time() - t_start, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    return metrics
+    return write_metrics(out_dir, metrics, t_start)
