@@ -54,20 +54,6 @@ class Alignment:
         }
 
 
-def _tokens(offsets: list, keep: list):
-    """Real tokens of all rows, concatenated: their row, index in the row, raw offsets."""
-    arrays = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in offsets]
-    lengths = np.array([len(o) for o in arrays], dtype=np.int64)
-    off = np.concatenate(arrays)
-    real = off[:, 1] > off[:, 0]
-    if any(k is not None for k in keep):
-        real &= np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
-                                for n, k in zip(lengths, keep)])
-    pos = np.nonzero(real)[0]
-    row = np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)[pos]
-    return row, pos - (np.cumsum(lengths) - lengths)[row], off[pos]
-
-
 @dataclass
 class BatchAlignment:
     """Spans of a batch, padded to the longest row (``K >= 1``): ``chars``, ``student``, ``teacher``
@@ -100,27 +86,39 @@ def align_batch(
     marked in a boolean table; the common cuts are where the student half and the teacher half
     of the table agree. Every span bound is a token end of both sides, so a span's tokens on a
     side are the run of (sorted) end keys in (previous bound, bound]: two searchsorted calls.
+    Tokens that are not real (specials, empty offsets) are not filtered out, which would cost
+    passes over the batch: they take a neighbour's end key, and so stay out of span edges.
     """
     b = len(student_offsets)
     if b == 0:
         z = np.zeros((0, 1, 2), dtype=np.int64)
         return BatchAlignment(z, z.copy(), z.copy(), np.zeros((0, 1), dtype=bool), [])
+    arrays = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in (*student_offsets, *teacher_offsets)]
+    lengths = np.array([len(o) for o in arrays], dtype=np.int64)
+    row_offset = np.cumsum(lengths) - lengths
+    off = np.concatenate(arrays)
+    real = off[:, 1] > off[:, 0]
     keep = [*(student_keep or [None] * b), *(teacher_keep or [None] * b)]
-    row, idx, off = _tokens([*student_offsets, *teacher_offsets], keep)
-    stride = int(off.max(initial=0)) + 1
-    base = row * stride
-    ends = np.maximum.accumulate(off[:, 1] + base) if len(row) else np.zeros(0, dtype=np.int64)
-    first = np.ones(len(row), dtype=bool)
-    first[1:] = row[1:] != row[:-1]
-    table = np.zeros(2 * b * stride, dtype=bool)
-    table[ends] = True
-    table[off[first, 0] + base[first]] = True
-    common = np.nonzero(table[:b * stride] & table[b * stride:])[0]  # sorted, unique
+    if any(k is not None for k in keep):
+        real &= np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
+                                for n, k in zip(lengths, keep)])
+    stride = int(off[:, 1].max(initial=0)) + 1
+    base = np.repeat(np.arange(2 * b, dtype=np.int64) * stride, lengths)
+    # monotone end keys; a token that is not real takes the end before it (fwd) or after it (bwd),
+    # so it never opens a span (fwd) nor closes one (bwd)
+    fwd = np.maximum.accumulate(np.where(real, off[:, 1] + base, -1))
+    bwd = np.minimum.accumulate(np.where(real, fwd, np.iinfo(np.int64).max)[::-1])[::-1]
+    first_real = real.copy()
+    first_real[1:] &= fwd[:-1] < base[1:]  # the running end before it lies in an earlier row
+    table = np.zeros(2 * b * stride + 1, dtype=bool)  # the last slot takes what is not a cut
+    table[np.where(real, fwd, 2 * b * stride)] = True
+    table[off[first_real, 0] + base[first_real]] = True
+    common = np.nonzero(table[:b * stride] & table[b * stride:-1])[0]  # sorted, unique
 
     rs = np.asarray(response_starts, dtype=np.int64).reshape(b)
     if response_ends is None:
         response_ends = np.zeros(b, dtype=np.int64)
-        np.maximum.at(response_ends, row % b, off[:, 1])
+        np.maximum.at(response_ends, np.repeat(np.arange(2 * b) % b, lengths), np.where(real, off[:, 1], 0))
     resp_chars = np.maximum(np.asarray(response_ends, dtype=np.int64).reshape(b) - rs, 0)
     c_row = common // stride
     in_response = common - c_row * stride >= rs[c_row]
@@ -131,13 +129,14 @@ def align_batch(
     hi, lo = common[is_end], common[:-1][is_end[1:]]
     span_row, n = c_row[is_end], int(is_end.sum())
     shift = b * stride  # teacher keys
-    first_tok = np.searchsorted(ends, np.concatenate([lo, lo + shift]), side="right")
-    last_tok = np.searchsorted(ends, np.concatenate([hi, hi + shift]), side="right") - 1
+    side_row = np.concatenate([span_row, span_row + b])
+    g_first = np.searchsorted(fwd, np.concatenate([lo, lo + shift]), side="right")  # both are real tokens
+    g_last = np.searchsorted(bwd, np.concatenate([hi, hi + shift]), side="right") - 1
+    n_real = np.cumsum(real)
+    per_side = np.bincount(side_row, weights=n_real[g_last] - n_real[g_first] + 1, minlength=2 * b).reshape(2, b)
+    first_tok, last_tok = g_first - row_offset[side_row], g_last - row_offset[side_row]  # indices in the row
     base = span_row * stride
-    every = np.stack([lo - base, hi - base, idx[first_tok[:n]], idx[last_tok[:n]] + 1,
-                      idx[first_tok[n:]], idx[last_tok[n:]] + 1], axis=1)
-    per_side = np.bincount(np.concatenate([span_row, span_row + b]), weights=last_tok - first_tok + 1,
-                           minlength=2 * b).reshape(2, b)
+    every = np.stack([lo - base, hi - base, first_tok[:n], last_tok[:n] + 1, first_tok[n:], last_tok[n:] + 1], axis=1)
 
     n_spans = np.bincount(span_row, minlength=b)
     aligned = np.bincount(span_row, weights=hi - lo, minlength=b).astype(np.int64)
