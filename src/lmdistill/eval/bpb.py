@@ -27,11 +27,14 @@ from lmdistill.eval.generation import _load
 
 
 @torch.no_grad()
-def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, want: torch.Tensor | None = None,
+                     chunk: int = 512) -> torch.Tensor:
     """``log p(ids[:, t+1] | ids[:, :t+1])`` ``[B, T-1]`` without a ``[B, T, V]`` log-softmax.
 
-    For a transformers causal LM the decoder runs alone and the LM head is applied to chunks
-    of positions (a 262k vocabulary at 8 x 512 tokens would be 4 GB of logits).
+    For a transformers causal LM the decoder runs alone and the LM head is applied, in chunks,
+    only to the positions ``want`` (``[B, T-1]``, default all) asks for: the response tokens,
+    not the prompt or the padding (a 262k vocabulary at 8 x 512 tokens would be 4 GB of
+    logits). Positions not wanted are 0.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     target = ids[:, 1:]
@@ -40,13 +43,16 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, chunk: int = 
 
         decoder, head, softcap = decoder_and_head(model)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
-        flat_h = hidden.reshape(-1, hidden.size(-1))
-        flat_t = target.reshape(-1)
-        out = torch.empty(flat_t.shape, dtype=torch.float32, device=ids.device)
+        sel = torch.ones_like(target, dtype=torch.bool) if want is None else want.to(ids.device)
+        flat_h = hidden[sel]
+        flat_t = target[sel]
+        vals = torch.empty(flat_t.shape, dtype=torch.float32, device=ids.device)
         for i in range(0, flat_h.size(0), chunk):
             z = lm_head_logits(head, softcap, flat_h[i:i + chunk]).float()
-            out[i:i + chunk] = z.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
-        return out.view_as(target).cpu()
+            vals[i:i + chunk] = z.gather(-1, flat_t[i:i + chunk, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+        out = torch.zeros(target.shape, dtype=torch.float32, device=ids.device)
+        out[sel] = vals
+        return out.cpu()
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     return (logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
 
@@ -61,19 +67,19 @@ def response_bits_and_bytes(tok, model, prompts: list[str], responses: list[str]
     device = next(model.parameters()).device
     ids = enc["input_ids"].to(device)
     mask = enc["attention_mask"].to(device)
-    logp = _target_logprobs(model, ids, mask)  # [B, T-1]: log p(token t+1 | tokens <= t)
+    r = torch.tensor([len(p) for p in prompts])[:, None]
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    is_resp = (ends > r) & (ends > starts) & ~special & enc["attention_mask"].bool()
+    is_resp[:, 0] = False  # the first token has no prediction
+    logp = _target_logprobs(model, ids, mask, want=is_resp[:, 1:])  # [B, T-1]: log p(token t+1 | tokens <= t)
     out = []
-    for i, (prompt, text) in enumerate(zip(prompts, texts)):
-        r = len(prompt)
-        starts, ends = offsets[i, :, 0], offsets[i, :, 1]
-        is_resp = (ends > r) & (ends > starts) & ~special[i] & mask[i].bool().cpu()
-        is_resp[0] = False  # the first token has no prediction
-        pos = torch.nonzero(is_resp, as_tuple=True)[0]
+    for i, text in enumerate(texts):
+        pos = torch.nonzero(is_resp[i], as_tuple=True)[0]
         if len(pos) == 0:
             out.append((0.0, 0))
             continue
         bits = float(-logp[i, pos - 1].sum()) / math.log(2)
-        a, b = int(starts[pos[0]]), int(ends[pos[-1]])
+        a, b = int(starts[i, pos[0]]), int(ends[i, pos[-1]])
         out.append((bits, len(text[a:b].encode("utf-8"))))
     return out
 
