@@ -301,7 +301,7 @@ def load_tokenizer(ref: str, cache_dir: str | None = None, trust_remote_code: bo
 
 def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bool = False,
                    dtype=None, attn_implementation: str | None = None):
-    """A causal LM in float32 (or ``dtype``) on the CPU."""
+    """A causal LM in float32 (or ``dtype``) on the CPU (``default_device()`` moves it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -312,6 +312,18 @@ def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bo
         return AutoModelForCausalLM.from_pretrained(resolve(ref, cache_dir), **kwargs)
     except OSError as exc:
         raise LmdistillError(f"could not load causal LM {ref!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def default_device():
+    """Where models run: this process's GPU when there is one (``cuda:LOCAL_RANK`` under a
+    distributed launcher), else the CPU."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def decoder_and_head(model):

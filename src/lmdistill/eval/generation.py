@@ -28,7 +28,7 @@ def rouge_l(prediction: str, references: list[str] | tuple[str, ...]) -> float:
 def _load(model_or_ref, tokenizer=None, trust_remote_code: bool = False):
     if isinstance(model_or_ref, str):
         tok = tokenizer or models.load_tokenizer(model_or_ref, trust_remote_code=trust_remote_code)
-        model = models.load_causal_lm(model_or_ref, trust_remote_code=trust_remote_code)
+        model = models.load_causal_lm(model_or_ref, trust_remote_code=trust_remote_code).to(models.default_device())
     else:
         model, tok = model_or_ref, tokenizer
         if tok is None:

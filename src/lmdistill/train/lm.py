@@ -170,7 +170,10 @@ def load_lm_pair(cfg: Config, teacher_needed: bool = True):
             raise LmdistillError("no teacher given: set teacher to a model folder, hub id or pkg:NAME")
         t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
         teacher = models.load_causal_lm(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
-    return student, teacher, s_tok, t_tok
+    # on the GPU from the start, so that evaluations before training run there too (the
+    # Trainer would move them only for training)
+    device = models.default_device()
+    return student.to(device), None if teacher is None else teacher.to(device), s_tok, t_tok
 
 
 def apply_lora(student, lora: dict):
