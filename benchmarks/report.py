@@ -98,6 +98,8 @@ def lm_section(rec: dict) -> str:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
     header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step"]
     return (f"### Cross-tokenizer LM: Gemma-3-270M -> SmolLM2-135M ({rec['preset']} preset)\n\n{_stamp(rec)}. "
+            f"Training seed {', '.join(map(str, rec['seeds']))}; ROUGE-L over the first "
+            f"{rec['resolved_config']['data']['eval_limit']} rows of each set. "
             f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
             f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
 
