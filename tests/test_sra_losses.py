@@ -73,6 +73,15 @@ def test_span_logit_kl_by_hand():
     mask = torch.tensor([[1, 0]])
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     assert float(span_logit_kl(z_s, z_t, mask, tau=2.0)) == pytest.approx(expected, rel=1e-5)
+    # two rows: sum over spans / B against the mean of each row's span mean
+    z_t2, z_s2 = torch.cat([z_t, z_t]), torch.cat([z_s, z_s])
+    both = torch.tensor([[1, 0], [1, 1]])
+    # the second span: p_T = [0.5, 0.5], p_S = softmax([2.5, -2.5])
+    ps2 = torch.softmax(torch.tensor([5.0, -5.0]) / 2, -1)
+    kl2 = float((0.5 * (torch.log(0.5 / ps2))).sum())
+    assert float(span_logit_kl(z_s2, z_t2, both, 2.0)) == pytest.approx((2 * expected + kl2) / 2, rel=1e-5)
+    assert float(span_logit_kl(z_s2, z_t2, both, 2.0, "mean")) == pytest.approx((expected + (expected + kl2) / 2) / 2,
+                                                                                rel=1e-5)
 
 
 def test_default_layer_pairs():

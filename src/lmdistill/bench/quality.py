@@ -60,6 +60,8 @@ LM_VARIANTS = [
     Variant("sra: uniform span weights", ["method=sra", "method_args.span_weighting=uniform"], group="ablation"),
     Variant("sra: no geometric term", ["method=sra", "method_args.lambda_geo=0.0"], group="ablation"),
     Variant("sra: no span logit term", ["method=sra", "method_args.w_logit=0.0"], group="ablation"),
+    Variant("sra: span logit KL averaged over spans", ["method=sra", "method_args.logit_reduction=mean"],
+            group="ablation"),
 ]
 
 

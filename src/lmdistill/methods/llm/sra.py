@@ -35,6 +35,7 @@ class SRAOptions:
     c_span: float = 2.0
     lambda_geo: float = 10.0
     w_logit: float = 1.0
+    logit_reduction: str = "sum"  # sum (methods.md: sum over spans / B) | mean (mean over each row's spans, then rows)
     tau: float = 2.0
     p: float = 1.0  # span-weight exponent
     weighting: str = "last_token"  # last_token | received | uniform (token weights inside a span)
@@ -106,12 +107,18 @@ def geometric_loss(c_s: torch.Tensor, c_t: torch.Tensor, W: torch.Tensor, span_m
     return (pi * (gs - gt.detach()).pow(2)).sum(dim=(1, 2)).mean()
 
 
-def span_logit_kl(z_s: torch.Tensor, z_t: torch.Tensor, span_mask: torch.Tensor, tau: float) -> torch.Tensor:
-    """``sum over real spans KL(softmax(z_T / tau) || softmax(z_S / tau)) / B``."""
+def span_logit_kl(z_s: torch.Tensor, z_t: torch.Tensor, span_mask: torch.Tensor, tau: float,
+                  reduction: str = "sum") -> torch.Tensor:
+    """``sum over real spans KL(softmax(z_T / tau) || softmax(z_S / tau)) / B`` (``reduction="sum"``,
+    as specified), or the mean over each row's real spans, averaged over rows (``"mean"``: the
+    term no longer grows with the number of spans, ~100 per Dolly row)."""
     log_t = F.log_softmax(z_t.float() / tau, dim=-1)
     log_s = F.log_softmax(z_s.float() / tau, dim=-1)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # [B, K]
-    return (kl * span_mask.to(kl.dtype)).sum() / z_s.size(0)
+    m = span_mask.to(torch.float32)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1) * m  # [B, K]
+    if reduction == "mean":
+        return (kl.sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
+    return kl.sum() / z_s.size(0)
 
 
 @register("sra", kind="lm")
@@ -124,7 +131,8 @@ class SRA(LMMethod):
     def __init__(self, opts: SRAOptions, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)
         for name, val, allowed in (("weighting", opts.weighting, ("last_token", "received", "uniform")),
-                                   ("span_weighting", opts.span_weighting, ("attention", "uniform"))):
+                                   ("span_weighting", opts.span_weighting, ("attention", "uniform")),
+                                   ("logit_reduction", opts.logit_reduction, ("sum", "mean"))):
             if val not in allowed:
                 raise LmdistillError(f"sra {name}={val!r} is not one of {', '.join(allowed)}")
         ns, nt = num_layers(student), num_layers(teacher)
@@ -187,7 +195,7 @@ class SRA(LMMethod):
             z_s = heads["student_logits"](coms_s[-1], self.shared_s)
             with torch.no_grad():
                 z_t = heads["teacher_logits"](coms_t[-1], self.shared_t)
-            out["logit"] = span_logit_kl(z_s, z_t, span_mask, o.tau)
+            out["logit"] = span_logit_kl(z_s, z_t, span_mask, o.tau, o.logit_reduction)
             distill = distill + o.w_logit * out["logit"]
         out["loss"] = o.alpha * heads["ce"] + (1 - o.alpha) * distill
         return out
