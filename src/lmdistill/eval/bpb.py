@@ -54,7 +54,8 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, want: torch.T
         out[sel] = vals
         return out.cpu()
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    return (logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
+    out = logits.gather(-1, target[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (out if want is None else out * want.to(out.device)).cpu()
 
 
 def response_bits_and_bytes(tok, model, prompts: list[str], responses: list[str]) -> list[tuple[float, int]]:

@@ -15,9 +15,13 @@ Training-loop logic (accumulation, scheduling, resume, distributed) stays transf
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
+import struct
+import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -286,10 +290,6 @@ def _complete(d: Path) -> bool:
     reads and the file is exactly as long as the header says; the optimizer and scheduler
     (zip archives written by ``torch.save``) end with their central directory; the trainer
     state is valid JSON. A file cut short by a crash fails one of these."""
-    import json
-    import struct
-    import zipfile
-
     needed = ("trainer_state.json", WEIGHTS, "optimizer.pt", "scheduler.pt")
     if not all((d / f).is_file() for f in needed):
         return False
@@ -312,8 +312,6 @@ def _complete(d: Path) -> bool:
 def train_and_measure(trainer: Trainer, ckpt_dir: str | Path) -> dict | None:
     """Train (resuming if a checkpoint is there) and return what every run reports: steps,
     time, loss, skipped steps, log. ``None`` on processes other than the main one."""
-    import time
-
     t0 = time.time()
     result, resume = train_resuming(trainer, ckpt_dir)
     train_s = time.time() - t0
@@ -327,9 +325,6 @@ def train_and_measure(trainer: Trainer, ckpt_dir: str | Path) -> dict | None:
 
 def write_metrics(out_dir: Path, metrics: dict, t_start: float) -> dict:
     """Finish a run's metrics (total time) and write them to ``out_dir/metrics.json``."""
-    import json
-    import time
-
     metrics["total_seconds"] = round(time.time() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
