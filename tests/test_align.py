@@ -9,10 +9,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
+from lmdistill.align import kernel
 from lmdistill.align.spans import align_batch, align_offsets, align_text, encode_with_offsets
+from lmdistill.errors import LmdistillError
 
 PAIRS = [(tiny.GPT2, tiny.LLAMA), (tiny.LLAMA, tiny.GPT2), (tiny.GPT2, tiny.MISTRAL), (tiny.TINYLLAMA, tiny.MISTRAL)]
 _TOKS: dict = {}
+# both backends of align_batch; the compiled one needs numba (installed by `make`)
+BACKENDS = ["numpy", pytest.param("compiled", marks=pytest.mark.skipif(not kernel.COMPILED, reason="numba not installed"))]
 
 
 def tok(path):
@@ -31,46 +35,60 @@ def real_pair():
     return _TOKS["real"]
 
 
-def test_the_specified_example():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_specified_example(backend):
     # student Hello| world|wide vs teacher Hel|lo| worldwide
     text = "Hello worldwide"
     s = np.array([[0, 5], [5, 11], [11, 15]])
     t = np.array([[0, 3], [3, 5], [5, 15]])
-    al = align_offsets(s, t, 0)
+    al = align_offsets(s, t, 0, backend=backend)
     assert al.chars.tolist() == [[0, 5], [5, 15]]
     assert al.student.tolist() == [[0, 1], [1, 3]]
     assert al.teacher.tolist() == [[0, 2], [2, 3]]
     assert [text[a:b] for a, b in al.chars] == ["Hello", " worldwide"]
 
 
-def test_specials_truncation_and_subsampling():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_specials_truncation_and_subsampling(backend):
     # BOS (0,0) on the teacher, EOS on the student; the teacher is truncated after "Hello wor"
     s = np.array([[0, 5], [5, 11], [11, 15], [0, 0]])
     t = np.array([[0, 0], [0, 3], [3, 5], [5, 9]])
-    al = align_offsets(s, t, 0, 15)
+    al = align_offsets(s, t, 0, 15, backend=backend)
     assert al.chars.tolist() == [[0, 5]] and al.teacher.tolist() == [[1, 3]]
     assert al.stats["ratio"] == pytest.approx(5 / 15, abs=1e-4)
     many = np.array([[i, i + 1] for i in range(50)])
-    sub = align_offsets(many, many, 0, max_spans=10)
+    sub = align_offsets(many, many, 0, max_spans=10, backend=backend)
     assert len(sub) == 10 and sub.stats["subsampled"] and sub.stats["n_spans"] == 50
     assert sub.chars[0].tolist() == [0, 1] and sub.chars[-1].tolist() == [49, 50]
 
 
-def test_response_only():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_response_only(backend):
     s = np.array([[0, 2], [2, 4], [4, 6]])
     t = np.array([[0, 3], [3, 6]])
-    al = align_offsets(s, t, response_start=3)
+    al = align_offsets(s, t, response_start=3, backend=backend)
     # the first common cut at or after 3 is 6: nothing to align
     assert len(al) == 0
-    assert len(align_offsets(s, t, response_start=2)) == 0
-    al = align_offsets(s, t, response_start=0)
+    assert len(align_offsets(s, t, response_start=2, backend=backend)) == 0
+    al = align_offsets(s, t, response_start=0, backend=backend)
     assert al.chars.tolist() == [[0, 6]] and al.student.tolist() == [[0, 3]] and al.teacher.tolist() == [[0, 2]]
+
+
+def _same(a, b):
+    """Two alignments (one row, or a batch) are the same, statistics included."""
+    assert a.chars.tolist() == b.chars.tolist()
+    assert a.student.tolist() == b.student.tolist()
+    assert a.teacher.tolist() == b.teacher.tolist()
+    assert a.stats == b.stats
+    if hasattr(a, "mask"):
+        assert a.mask.tolist() == b.mask.tolist()
 
 
 def _check_invariants(text, r, s_tok, t_tok):
     s_ids, s_off, s_keep = encode_with_offsets(s_tok, text)
     t_ids, t_off, t_keep = encode_with_offsets(t_tok, text)
     al = align_offsets(s_off, t_off, r, len(text), s_keep, t_keep)
+    _same(al, align_offsets(s_off, t_off, r, len(text), s_keep, t_keep, backend="numpy"))
     if len(al) == 0:
         return al
     # spans are contiguous, in order, inside the response
@@ -163,12 +181,74 @@ def test_batch_alignment_equals_row_by_row(responses, pair, max_spans):
     starts, ends = [len(prompt)] * len(responses), [len(prompt + r) for r in responses]
     batch = align_batch([e[1] for e in s_enc], [e[1] for e in t_enc], starts, ends,
                         [e[2] for e in s_enc], [e[2] for e in t_enc], max_spans)
+    _same(batch, align_batch([e[1] for e in s_enc], [e[1] for e in t_enc], starts, ends,
+                             [e[2] for e in s_enc], [e[2] for e in t_enc], max_spans, backend="numpy"))
     assert batch.mask.shape[0] == len(responses)
     for i, (se, te) in enumerate(zip(s_enc, t_enc)):
         alone = align_offsets(se[1], te[1], starts[i], ends[i], se[2], te[2], max_spans)
-        got = batch.row(i)
-        assert got.chars.tolist() == alone.chars.tolist()
-        assert got.student.tolist() == alone.student.tolist()
-        assert got.teacher.tolist() == alone.teacher.tolist()
-        assert got.stats == alone.stats
+        _same(batch.row(i), alone)
         assert not batch.mask[i, len(alone):].any()
+
+
+def _odd_offsets(rng, length):
+    """Token offsets as tokenizers give them, and worse: empty (specials), repeated (byte tokens of
+    one character), skipping characters, overlapping or out of order."""
+    out, prev = [], 0
+    for c in np.sort(rng.choice(length + 1, size=min(int(rng.integers(0, 2 + length)), length + 1), replace=False)):
+        kind = rng.random()
+        if kind < 0.1:
+            out.append((0, 0))
+        elif kind < 0.2 and out:
+            out.append(out[-1])
+        elif kind < 0.3:
+            out.append(tuple(int(x) for x in rng.integers(0, length + 1, size=2)))
+        else:
+            out.append((prev + int(rng.integers(0, 2)) if prev < c else prev, int(c)))
+        prev = int(c)
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+@pytest.mark.skipif(not kernel.COMPILED, reason="numba not installed")
+def test_backends_agree_on_odd_offsets():
+    """The compiled merge pass and the numpy path give the same spans, masks and statistics on
+    4,000 random batches of odd offsets, with and without keep masks, subsampling included."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        b, length = int(rng.integers(1, 5)), int(rng.choice([rng.integers(0, 15), rng.integers(15, 200)]))
+        s, t = [_odd_offsets(rng, length) for _ in range(b)], [_odd_offsets(rng, length) for _ in range(b)]
+        starts = rng.integers(0, length + 2, size=b)
+        s_keep = [rng.random(len(x)) > 0.1 for x in s] if rng.random() < 0.5 else None
+        t_keep = [rng.random(len(x)) > 0.1 for x in t] if rng.random() < 0.5 else None
+        max_spans = int(rng.integers(1, 6))
+        _same(align_batch(s, t, starts, None, s_keep, t_keep, max_spans, backend="compiled"),
+              align_batch(s, t, starts, None, s_keep, t_keep, max_spans, backend="numpy"))
+
+
+@pytest.mark.skipif(not kernel.COMPILED, reason="numba not installed")
+def test_backends_agree_on_dolly():
+    """Both backends on 96 real Dolly rows (long responses, hundreds of tokens), SmolLM2 / Gemma-3
+    tokenizers, in batches as the collator makes them, cut at 256 tokens and whole."""
+    from lmdistill.data.readers import read_instructions
+    from lmdistill.train.lm import encode_batch
+
+    rows = read_instructions(tiny.DATA / "minillm_eval" / "dolly" / "valid.jsonl", 96)
+    s_tok, t_tok = real_pair()
+    for max_length, batch in ((256, 8), (8192, 3)):
+        for i in range(0, len(rows), batch):
+            prompts, responses = [r.prompt for r in rows[i:i + batch]], [r.response for r in rows[i:i + batch]]
+            s, t = encode_batch(s_tok, prompts, responses, max_length), encode_batch(t_tok, prompts, responses, max_length)
+            args = ([e[2] for e in s], [e[2] for e in t], [len(p) for p in prompts],
+                    [len(p) + len(r) for p, r in zip(prompts, responses)], [e[3] for e in s], [e[3] for e in t])
+            for max_spans in (1024, 17):
+                _same(align_batch(*args, max_spans=max_spans, backend="compiled"),
+                      align_batch(*args, max_spans=max_spans, backend="numpy"))
+
+
+def test_backend_errors(monkeypatch):
+    s = np.array([[0, 5]])
+    with pytest.raises(LmdistillError, match="auto, compiled or numpy"):
+        align_offsets(s, s, backend="fast")
+    monkeypatch.setattr(kernel, "COMPILED", False)
+    with pytest.raises(LmdistillError, match="needs numba"):
+        align_offsets(s, s, backend="compiled")
+    assert align_offsets(s, s).chars.tolist() == [[0, 5]]  # auto falls back to numpy

@@ -17,8 +17,9 @@ span's characters, and the spans partition the aligned part of the response.
 * Truncation: spans stop at the last common cut, wherever each side was cut.
 * ``max_spans``: beyond it, spans are subsampled uniformly (``stats["subsampled"]``).
 
-Everything is vectorised with numpy over the whole batch (:func:`align_batch`): the cost is a
-few array operations per batch, not per sequence.
+:func:`align_batch` aligns a whole batch in one call: one compiled merge pass per row
+(:mod:`lmdistill.align.kernel`, with numba), or a fixed number of numpy operations for the
+batch (without it); both give the same spans.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lmdistill.align import kernel
 from lmdistill.errors import LmdistillError
 
 
@@ -73,14 +75,55 @@ class BatchAlignment:
 def align_batch(
     student_offsets: list, teacher_offsets: list, response_starts, response_ends=None,
     student_keep: list | None = None, teacher_keep: list | None = None, max_spans: int = 1024,
+    backend: str = "auto",
 ) -> BatchAlignment:
     """Spans of every row of a batch at once (see :func:`align_offsets` for one row).
 
-    A fixed number of numpy operations for the whole batch, both sides together: this is what
-    keeps alignment a small fraction of tokenisation (``benchmarks/align_cost.py``).
+    ``backend``: ``"compiled"`` (one merge pass per row, :mod:`lmdistill.align.kernel`, needs
+    numba), ``"numpy"`` (a fixed number of array operations for the whole batch), or ``"auto"``
+    (compiled when numba is installed). Both give the same spans; the compiled one is what keeps
+    alignment under 5% of tokenisation at every batch size (``benchmarks/align_cost.py``).
+    """
+    if backend not in ("auto", "compiled", "numpy"):
+        raise LmdistillError(f"alignment backend {backend!r}: use auto, compiled or numpy")
+    if backend == "compiled" and not kernel.COMPILED:
+        raise LmdistillError('the compiled alignment needs numba: pip install "lmdistill[fast]" (or use backend="numpy")')
+    b = len(student_offsets)
+    if b == 0:
+        z = np.zeros((0, 1, 2), dtype=np.int64)
+        return BatchAlignment(z, z.copy(), z.copy(), np.zeros((0, 1), dtype=bool), [])
+    # few array operations here: at batch size 1 each one's fixed cost counts (benchmarks/align_cost.py)
+    offsets = [*student_offsets, *teacher_offsets]
+    lens = [len(o) for o in offsets]
+    off = np.concatenate([o for o in offsets if len(o)] or [np.zeros((0, 2))]).astype(np.int64, copy=False)
+    keep = [*(student_keep or [None] * b), *(teacher_keep or [None] * b)]
+    if all(k is not None for k in keep):
+        keep = np.concatenate(keep).astype(bool, copy=False)
+    else:
+        keep = np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
+                               for n, k in zip(lens, keep)])
+    lengths, starts = np.array(lens, dtype=np.int64), np.asarray(response_starts, dtype=np.int64).reshape(b)
+    if response_ends is None:  # the furthest real token end of the row, either side
+        real = keep & (off[:, 1] > off[:, 0])
+        response_ends = np.zeros(b, dtype=np.int64)
+        np.maximum.at(response_ends, np.repeat(np.arange(2 * b) % b, lengths), np.where(real, off[:, 1], 0))
+    resp_chars = [max(int(e) - int(r), 0) for e, r in zip(response_ends, response_starts)]
 
-    How: the 2B rows (student rows, then teacher rows) are laid end to end, character c of row
-    r getting the key r * stride + c. Token ends are made monotone within each row (one running
+    if backend == "numpy" or not kernel.COMPILED:
+        spans, mask, counts = _spans_numpy(off, keep, lengths, starts)
+    else:
+        spans, mask, counts = kernel.scan_rows(off, keep, lengths, starts)
+    return _pack(spans, mask, counts, resp_chars, max_spans)
+
+
+def _spans_numpy(off, keep, lengths, rs):
+    """The numpy path of :func:`align_batch`; returns what :func:`lmdistill.align.kernel.scan_rows`
+    returns: ``[b, K, 6]`` spans (char range, student token range, teacher token range), each row
+    padded with zeros to the longest (K >= 1), their ``[b, K]`` mask, and ``[b, 4]`` counts per row
+    (spans, aligned characters, student tokens in spans, teacher tokens in spans).
+
+    The 2B rows (student rows, then teacher rows) are laid end to end, character c of row r
+    getting the key r * stride + c. Token ends are made monotone within each row (one running
     maximum serves all rows, since later rows have larger keys); a side's cuts are its token
     ends and each row's first start (uncovered characters go to the token that follows them),
     marked in a boolean table; the common cuts are where the student half and the teacher half
@@ -89,19 +132,9 @@ def align_batch(
     Tokens that are not real (specials, empty offsets) are not filtered out, which would cost
     passes over the batch: they take a neighbour's end key, and so stay out of span edges.
     """
-    b = len(student_offsets)
-    if b == 0:
-        z = np.zeros((0, 1, 2), dtype=np.int64)
-        return BatchAlignment(z, z.copy(), z.copy(), np.zeros((0, 1), dtype=bool), [])
-    arrays = [np.asarray(o, dtype=np.int64).reshape(-1, 2) for o in (*student_offsets, *teacher_offsets)]
-    lengths = np.array([len(o) for o in arrays], dtype=np.int64)
+    b = len(rs)
+    real = keep & (off[:, 1] > off[:, 0])
     row_offset = np.cumsum(lengths) - lengths
-    off = np.concatenate(arrays)
-    real = off[:, 1] > off[:, 0]
-    keep = [*(student_keep or [None] * b), *(teacher_keep or [None] * b)]
-    if any(k is not None for k in keep):
-        real &= np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
-                                for n, k in zip(lengths, keep)])
     stride = int(off[:, 1].max(initial=0)) + 1
     base = np.repeat(np.arange(2 * b, dtype=np.int64) * stride, lengths)
     # monotone end keys; a token that is not real takes the end before it (fwd) or after it (bwd),
@@ -115,11 +148,6 @@ def align_batch(
     table[off[first_real, 0] + base[first_real]] = True
     common = np.nonzero(table[:b * stride] & table[b * stride:-1])[0]  # sorted, unique
 
-    rs = np.asarray(response_starts, dtype=np.int64).reshape(b)
-    if response_ends is None:
-        response_ends = np.zeros(b, dtype=np.int64)
-        np.maximum.at(response_ends, np.repeat(np.arange(2 * b) % b, lengths), np.where(real, off[:, 1], 0))
-    resp_chars = np.maximum(np.asarray(response_ends, dtype=np.int64).reshape(b) - rs, 0)
     c_row = common // stride
     in_response = common - c_row * stride >= rs[c_row]
     common, c_row = common[in_response], c_row[in_response]
@@ -136,42 +164,39 @@ def align_batch(
     per_side = np.bincount(side_row, weights=n_real[g_last] - n_real[g_first] + 1, minlength=2 * b).reshape(2, b)
     first_tok, last_tok = g_first - row_offset[side_row], g_last - row_offset[side_row]  # indices in the row
     base = span_row * stride
-    every = np.stack([lo - base, hi - base, first_tok[:n], last_tok[:n] + 1, first_tok[n:], last_tok[n:] + 1], axis=1)
-
     n_spans = np.bincount(span_row, minlength=b)
-    aligned = np.bincount(span_row, weights=hi - lo, minlength=b).astype(np.int64)
-    row_start = np.cumsum(n_spans) - n_spans
-    slot = np.arange(n) - np.repeat(row_start, n_spans)  # index within its row
-    subsampled = n_spans > max_spans
-    kept = np.minimum(n_spans, max_spans)
-    if subsampled.any():  # uniform subsampling (the rounded points are distinct: spacing > 1)
-        keep = np.ones(n, dtype=bool)
-        for r in np.nonzero(subsampled)[0]:
-            keep[row_start[r]:row_start[r] + n_spans[r]] = False
-            keep[row_start[r] + np.linspace(0, n_spans[r] - 1, max_spans).round().astype(np.int64)] = True
-        slot = (np.cumsum(keep) - 1) - np.repeat(np.cumsum(kept) - kept, n_spans)
-        every, span_row, slot = every[keep], span_row[keep], slot[keep]
-    k = max(int(kept.max()), 1)  # one masked slot at least: padded tensors are never empty
-    out = np.zeros((b, k, 6), dtype=np.int64)
-    mask = np.zeros((b, k), dtype=bool)
-    out[span_row, slot] = every
-    mask[span_row, slot] = True
+    slot = np.arange(n) - np.repeat(np.cumsum(n_spans) - n_spans, n_spans)  # index within its row
+    k = max(int(n_spans.max()), 1)
+    spans = np.zeros((b * k, 6), dtype=np.int64)
+    spans[span_row * k + slot] = np.stack([lo - base, hi - base, first_tok[:n], last_tok[:n] + 1, first_tok[n:],
+                                           last_tok[n:] + 1], axis=1)
+    counts = np.stack([n_spans, np.bincount(span_row, weights=hi - lo, minlength=b), per_side[0], per_side[1]], axis=1)
+    return spans.reshape(b, k, 6), np.arange(k) < n_spans[:, None], counts.astype(np.int64)
 
-    safe = np.maximum(n_spans, 1)
-    ratio = np.where((resp_chars > 0) & (n_spans > 0), aligned / np.maximum(resp_chars, 1), 0.0).round(4)
-    per_span = (per_side / safe).round(4).tolist()
-    stats = [{"n_spans": ns, "aligned_chars": c, "response_chars": rc, "ratio": q, "student_tokens_per_span": sp,
-              "teacher_tokens_per_span": tp, "subsampled": sub}
-             for ns, c, rc, q, sp, tp, sub in zip(n_spans.tolist(), aligned.tolist(), resp_chars.tolist(),
-                                                  ratio.tolist(), per_span[0], per_span[1], subsampled.tolist())]
-    for r in np.nonzero(subsampled)[0]:
-        stats[r]["n_spans_kept"] = int(kept[r])
-    return BatchAlignment(out[..., 0:2], out[..., 2:4], out[..., 4:6], mask, stats)
+
+def _pack(spans, mask, counts, resp_chars, max_spans) -> BatchAlignment:
+    """Padded spans, uniformly subsampled in rows beyond ``max_spans``, and each row's statistics."""
+    if spans.shape[1] > max_spans:  # uniform subsampling (the rounded points are distinct: spacing > 1)
+        n_spans = counts[:, 0]
+        for r in np.nonzero(n_spans > max_spans)[0]:
+            spans[r, :max_spans] = spans[r, np.linspace(0, n_spans[r] - 1, max_spans).round().astype(np.int64)]
+        spans, mask = spans[:, :max_spans], mask[:, :max_spans]
+
+    stats = []
+    for (ns, aligned, s_tok, t_tok), rc in zip(counts.tolist(), resp_chars):
+        st = {"n_spans": ns, "aligned_chars": aligned, "response_chars": rc,
+              "ratio": round(aligned / rc, 4) if rc > 0 and ns > 0 else 0.0,
+              "student_tokens_per_span": round(s_tok / max(ns, 1), 4),
+              "teacher_tokens_per_span": round(t_tok / max(ns, 1), 4), "subsampled": ns > max_spans}
+        if ns > max_spans:
+            st["n_spans_kept"] = max_spans
+        stats.append(st)
+    return BatchAlignment(spans[..., 0:2], spans[..., 2:4], spans[..., 4:6], mask, stats)
 
 
 def align_offsets(
     student_offsets, teacher_offsets, response_start: int = 0, response_end: int | None = None,
-    student_keep=None, teacher_keep=None, max_spans: int = 1024,
+    student_keep=None, teacher_keep=None, max_spans: int = 1024, backend: str = "auto",
 ) -> Alignment:
     """Spans from two offset lists (``[n, 2]`` character ranges; empty ranges are skipped).
 
@@ -181,7 +206,7 @@ def align_offsets(
     """
     return align_batch([student_offsets], [teacher_offsets], [response_start],
                        None if response_end is None else [response_end],
-                       [student_keep], [teacher_keep], max_spans).row(0)
+                       [student_keep], [teacher_keep], max_spans, backend).row(0)
 
 
 def encode_with_offsets(tokenizer, text: str, max_length: int | None = None, add_special_tokens: bool = True):
