@@ -326,9 +326,14 @@ def default_device():
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def decoder_and_head(model):
     """The decoder stack (no LM head) and the output embedding of a causal LM (peft-aware)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lmdistill.data.readers import read_instructions
 from lmdistill.eval.generation import _load
+from lmdistill.models import base_model, decoder_and_head, lm_head_logits
 
 
 @torch.no_grad()
@@ -36,11 +37,9 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, want: torch.T
     not the prompt or the padding (a 262k vocabulary at 8 x 512 tokens would be 4 GB of
     logits). Positions not wanted are 0.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     target = ids[:, 1:]
     if hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
-        from lmdistill.models import decoder_and_head, lm_head_logits
-
         decoder, head, softcap = decoder_and_head(model)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
         sel = torch.ones_like(target, dtype=torch.bool) if want is None else want.to(ids.device)

@@ -18,6 +18,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lmdistill.models import base_model
+
 try:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 except ImportError:  # pragma: no cover - older transformers
@@ -75,7 +77,7 @@ if ALL_MASK_ATTENTION_FUNCTIONS is not None:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The transformer blocks of a causal LM (Llama, Gemma, GPT-2, Mistral, Qwen, ...)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     dec = base.get_decoder() if hasattr(base, "get_decoder") else base
     for attr in ("layers", "h", "blocks"):
         if isinstance(getattr(dec, attr, None), torch.nn.ModuleList):
@@ -100,7 +102,7 @@ class RowCapture:
         self.model, self.layers, self.mode = model, list(layers), mode
         blocks = decoder_layers(model)
         self.modules = {l: _attention_module(blocks[l - 1]) for l in self.layers}
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         if base.config._attn_implementation not in (IMPL,):
             base.set_attn_implementation(IMPL) if hasattr(base, "set_attn_implementation") else None
             base.config._attn_implementation = IMPL

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmdistill.models import base_model
+
 
 @dataclass
 class Response:
@@ -88,7 +90,7 @@ class LMMethod(nn.Module):
 
 def num_layers(model) -> int:
     """Number of blocks of a causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return int(base.config.num_hidden_layers)
 
 
