@@ -21,28 +21,28 @@ import numpy as np
 try:
     import numba
 
-    _jit = numba.njit(cache=True, nogil=True)  # compiled at first call, then cached on disk
     COMPILED = True
 except Exception:  # not installed, or built for another numpy: the functions stay plain Python
-    def _jit(fn):
-        return fn
-
     COMPILED = False
+
+
+def _jit(fn):
+    """Compiled at first call, then cached on disk (in memory only where no cache folder is writable)."""
+    if not COMPILED:
+        return fn
+    try:
+        return numba.njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # numba found no writable place for its cache
+        return numba.njit(nogil=True)(fn)
 
 
 @_jit
 def _advance(off, keep, state, end):
     """Move one side to its next cut. ``state`` = [cut, next token to scan, last token of the cut's
-    group, real tokens consumed, first token after the last common cut (-1: none yet)].
-    Returns False when the side has no further cut."""
-    q, m = state[1], state[0]
-    while q < end and not (keep[q] and off[q, 1] > off[q, 0] and off[q, 1] > m):
-        if keep[q] and off[q, 1] > off[q, 0]:  # real tokens ending at or before the cut join it
-            state[2] = q
-            state[3] += 1
-        q += 1
+    group, real tokens consumed, first token after the last common cut (-1: none yet)]. The next
+    token to scan is always real and ends after the cut (or is ``end``: no further cut, False)."""
+    q = state[1]
     if q == end:
-        state[1] = q
         return False
     m = off[q, 1]
     state[0], state[2] = m, q
@@ -51,7 +51,7 @@ def _advance(off, keep, state, end):
         state[4] = q
     q += 1
     while q < end and not (keep[q] and off[q, 1] > off[q, 0] and off[q, 1] > m):
-        if keep[q] and off[q, 1] > off[q, 0]:  # tokens nested in this one join its cut
+        if keep[q] and off[q, 1] > off[q, 0]:  # real tokens nested in this one join its cut
             state[2] = q
             state[3] += 1
         q += 1
