@@ -11,7 +11,7 @@ Presets:
   full  the literature's protocol for a GPU: 1 epoch (or more) on Dolly, full evaluation sets,
         sampling at temperature 1 with seeds 10/20/30/40/50, 256 new tokens.
 
-    python benchmarks/lm_quality.py --preset cpu [--eval name=path ...] [--only sra,sft]
+    python benchmarks/lm_quality.py --preset cpu [--eval name=path ...] [--only sra,sft] [--seeds 42,43]
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--eval", action="append", default=[], help="extra evaluation file: name=path (MiniLLM JSONL)")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--seeds", default="42", help="comma-separated training seeds (default 42; more seeds: e.g. 43,44)")
     ap.add_argument("--teacher", default=None, help="teacher folder (default: the config's fine-tuned teacher)")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-lm"))
     args = ap.parse_args()
@@ -53,7 +54,8 @@ def main() -> None:
         evals.update(dict(item.partition("=")[::2] for item in args.eval))
         overrides.append("data.eval={" + ", ".join(f"{k}: {v}" for k, v in evals.items()) + "}")
     only = args.only.split(",") if args.only else None
-    out = run_benchmark("lm", str(CONFIG), args.preset, LM_VARIANTS, [42], overrides, ROOT / "benchmarks" / "results",
+    seeds = [int(x) for x in args.seeds.split(",")]
+    out = run_benchmark("lm", str(CONFIG), args.preset, LM_VARIANTS, seeds, overrides, ROOT / "benchmarks" / "results",
                         Path(args.work_dir), only)
     print(f"results: {out}")
 
