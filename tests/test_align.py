@@ -252,3 +252,8 @@ def test_backend_errors(monkeypatch):
     with pytest.raises(LmdistillError, match="needs numba"):
         align_offsets(s, s, backend="compiled")
     assert align_offsets(s, s).chars.tolist() == [[0, 5]]  # auto falls back to numpy
+    monkeypatch.undo()
+    for bad in (dict(student_keep=[True, False]), dict(teacher_offsets=np.array([0, 5]))):
+        args = dict(student_offsets=s, teacher_offsets=s) | bad
+        with pytest.raises(LmdistillError, match="offsets \\[n, 2\\] and a keep mask"):
+            align_offsets(**args)

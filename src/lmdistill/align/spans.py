@@ -95,13 +95,19 @@ def align_batch(
     # few array operations here: at batch size 1 each one's fixed cost counts (benchmarks/align_cost.py)
     offsets = [*student_offsets, *teacher_offsets]
     lens = [len(o) for o in offsets]
-    off = np.concatenate([o for o in offsets if len(o)] or [np.zeros((0, 2))]).astype(np.int64, copy=False)
+    try:
+        off = np.concatenate([o for o in offsets if len(o)] or [np.zeros((0, 2))]).astype(np.int64, copy=False)
+    except ValueError:
+        off = np.zeros(0)  # rows of different shapes: refused below
     keep = [*(student_keep or [None] * b), *(teacher_keep or [None] * b)]
     if all(k is not None for k in keep):
         keep = np.concatenate(keep).astype(bool, copy=False)
     else:
         keep = np.concatenate([np.ones(n, dtype=bool) if k is None else np.asarray(k, dtype=bool).reshape(-1)
                                for n, k in zip(lens, keep)])
+    if off.ndim != 2 or off.shape[1] != 2 or len(keep) != len(off) or len(teacher_offsets) != b:
+        raise LmdistillError("align_batch wants, per row and side, offsets [n, 2] and a keep mask [n] of the same n, "
+                             "and as many teacher rows as student rows")
     lengths, starts = np.array(lens, dtype=np.int64), np.asarray(response_starts, dtype=np.int64).reshape(b)
     if response_ends is None:  # the furthest real token end of the row, either side
         real = keep & (off[:, 1] > off[:, 0])
