@@ -88,17 +88,18 @@ def lm_section(rec: dict) -> str:
     for r, b in zip(rows_r, rows_b):
         cells = [r["variant"]]
         for e in evals:
-            cells += [fmt(r[e][0]) if e in r else "-", fmt(b[e][0], None, 3) if e in b else "-"]
-        cells.append(fmt(r.get("seconds_per_step")) if r.get("seconds_per_step") else "-")
+            cells += [fmt(*r[e]) if e in r else "-", fmt(b[e][0], b[e][1], 3) if e in b else "-"]
+        cells += [fmt(r.get("seconds_per_step")) if r.get("seconds_per_step") else "-", str(r["n_seeds"])]
         table.append(cells)
         if r.get("seconds_per_step") and evals and evals[0] in r:
             points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
     png = RESULTS / f"lm-{rec['preset']}.png"
     if points:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
-    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step"]
+    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds"]
     return (f"### Cross-tokenizer LM: Gemma-3-270M -> SmolLM2-135M ({rec['preset']} preset)\n\n{_stamp(rec)}. "
-            f"Training seed {', '.join(map(str, rec['seeds']))}; ROUGE-L over the first "
+            f"Training seeds {', '.join(map(str, rec['seeds']))} (mean ± standard deviation where a variant ran more "
+            f"than one; the seeds column says how many); ROUGE-L over the first "
             f"{rec['resolved_config']['data']['eval_limit']} rows of each set. "
             f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
             f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
