@@ -317,8 +317,6 @@ def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bo
 def default_device():
     """Where models run: this process's GPU when there is one (``cuda:LOCAL_RANK`` under a
     distributed launcher), else the CPU."""
-    import os
-
     import torch
 
     if not torch.cuda.is_available():

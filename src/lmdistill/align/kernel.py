@@ -77,12 +77,12 @@ def scan_rows(off, keep, lengths, response_starts):
     end token), token indices counted within the row; ``mask`` [b, K] (True on spans); and
     ``counts`` [b, 4]: (spans, aligned characters, student tokens in spans, teacher tokens in spans)."""
     b = len(response_starts)
-    flat = np.empty((lengths[:b].sum() + 1, 6), dtype=np.int64)  # a span holds >= 1 student token
+    a0, b0 = 0, lengths[:b].sum()  # where row r starts on each side
+    flat = np.empty((b0 + 1, 6), dtype=np.int64)  # a span holds >= 1 student token
     counts = np.zeros((b, 4), dtype=np.int64)
     n = 0
     sa = np.zeros(5, dtype=np.int64)
     sb = np.zeros(5, dtype=np.int64)
-    a0, b0 = 0, lengths[:b].sum()  # where row r starts on each side
     for r in range(b):
         a1, b1 = a0 + lengths[r], b0 + lengths[b + r]
         pa, pb = _first_real(off, keep, a0, a1), _first_real(off, keep, b0, b1)

@@ -40,7 +40,7 @@ def _target_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, want: torch.T
     base = base_model(model)
     target = ids[:, 1:]
     if hasattr(base, "get_decoder") and base.get_output_embeddings() is not None:
-        decoder, head, softcap = decoder_and_head(model)
+        decoder, head, softcap = decoder_and_head(base)
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1]
         sel = torch.ones_like(target, dtype=torch.bool) if want is None else want.to(ids.device)
         flat_h = hidden[sel]
