@@ -41,7 +41,8 @@ def test_lm_commands_end_to_end(gpt2_lm, llama_lm, instructions_file, tmp_path):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 3 and {"rougeL", "bpb", "bpb_pooled"} <= set(metrics["after"]["toy"])
-    assert metrics["shared_vocab"] > 1000
+    assert metrics["shared_vocab"]["pairs"] > 1000
+    assert 0 < metrics["shared_vocab"]["teacher_mass_in_shared"] <= 1
     r = run("eval", "rouge", "--model", tmp_path / "student", "--data", instructions_file, "--max-new-tokens", "4",
             "--seeds", "10,20", "--limit", "2", "--json")
     assert r.returncode == 0, r.stderr

@@ -12,7 +12,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.multilevel_ot import sinkhorn_cost, topk_by_mass
 from lmdistill.methods.llm.uld import sorted_l1
 from lmdistill.registry import get_method, list_methods
-from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method
+from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method, encode_batch
 
 
 def test_sorted_l1_by_hand():
@@ -129,3 +129,85 @@ def test_collator_labels_and_spans(gpt2_lm, llama_lm, instructions_file):
     assert batch["span_mask"].sum() > 0
     assert (batch["spans_s"][..., 1] >= batch["spans_s"][..., 0]).all()
     assert np.isclose(float(batch["align_ratio"][0]), 1.0)
+
+
+PROMPT = "### Instruction:\nName three colours and say something about each of them.\n\n### Response:\n"
+RESPONSE = "Blue is the colour of the sky, red is the colour of fire, and green is the colour of grass."
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_truncated_rows_keep_the_response_and_get_no_eos(which, gpt2_lm, llama_lm):
+    tok = models.load_tokenizer(str(gpt2_lm if which == "gpt2" else llama_lm))
+    eos = tok.eos_token_id
+    full = encode_batch(tok, [PROMPT], [RESPONSE], 512)[0]
+    n_resp = sum(1 for x in full[1] if x != -100) - 1  # labelled response tokens, EOS aside
+    assert full[1][-1] == eos and full[0][-1] == eos  # a whole response ends in a labelled EOS
+    for max_length in (16, 24, 32):
+        ids, labels, offsets, keep = encode_batch(tok, [PROMPT], [RESPONSE], max_length)[0]
+        assert len(ids) == max_length == len(labels) == len(offsets)
+        assert eos not in [x for x in labels if x != -100]  # no EOS target mid-sentence
+        kept = [x for x in labels if x != -100]
+        # the prompt keeps at most half of max_length when the response needs the room
+        n_prompt = int(keep.sum()) - len(kept)
+        assert n_prompt <= max_length // 2 and len(kept) >= max_length // 2 - 1
+        assert tok.decode(kept).strip() and RESPONSE.startswith(tok.decode(kept).strip()[:20])
+        assert "Response:" in tok.decode(ids)  # the prompt's end is what is kept
+        if tok.bos_token_id is not None and full[0][0] == tok.bos_token_id:
+            assert ids[0] == tok.bos_token_id
+    assert n_resp > 16
+
+
+def test_collator_query_is_the_last_text_token(gpt2_lm, llama_lm, instructions_file):
+    _, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file)
+    for side, tok in (("s", models.load_tokenizer(str(gpt2_lm))), ("t", models.load_tokenizer(str(llama_lm)))):
+        ids, q = batch[f"{side}_input_ids"], batch[f"{side}_last_text"]
+        for i in range(ids.size(0)):
+            assert int(ids[i, q[i]]) != tok.eos_token_id and int(ids[i, q[i] + 1]) == tok.eos_token_id
+
+
+def test_sra_applies_the_final_norm_before_the_head_at_a_non_final_layer(gpt2_lm, llama_lm, instructions_file):
+    """At layer 1 of 2 the CoM is a pre-norm state: each model's final norm runs on it first."""
+    for last, expect in (([[1, 1]], True), ([[2, 2]], False)):
+        wrapper, batch = _setup("sra", llama_lm, gpt2_lm, instructions_file, layer_pairs=last)
+        calls = {"s": [], "t": []}
+        models.final_norm(wrapper.student).register_forward_hook(lambda m, a, o: calls["s"].append(a[0].shape))
+        models.final_norm(wrapper.teacher).register_forward_hook(lambda m, a, o: calls["t"].append(a[0].shape))
+        out = wrapper(**batch)
+        K = batch["span_mask"].size(1)
+        # each decoder's own call on [B, T, d], then, at a non-final layer, one on the CoMs [B, K, d]
+        for side in ("s", "t"):
+            assert len(calls[side]) == (2 if expect else 1), calls
+            if expect:
+                assert calls[side][1][1] == K
+        assert torch.isfinite(out["loss"])
+
+
+def test_sra_refuses_a_non_final_logit_layer_without_a_final_norm(gpt2_lm, llama_lm, instructions_file, monkeypatch):
+    import lmdistill.methods.llm.sra as sra
+
+    monkeypatch.setattr(sra, "final_norm", lambda model: None)
+    with pytest.raises(LmdistillError, match="final norm"):
+        _setup("sra", gpt2_lm, llama_lm, instructions_file, layer_pairs=[[1, 1]])
+    _setup("sra", gpt2_lm, llama_lm, instructions_file, layer_pairs=[[1, 1]], w_logit=0.0)  # no head: fine
+    _setup("sra", gpt2_lm, llama_lm, instructions_file, layer_pairs=[[2, 2]])  # final layers: fine
+
+
+def test_sra_span_weights_come_from_each_pair(gpt2_lm, llama_lm, instructions_file, monkeypatch):
+    import lmdistill.methods.llm.sra as sra
+
+    seen = []
+    real = sra.weighted_cosine_loss
+    monkeypatch.setattr(sra, "weighted_cosine_loss", lambda a, b, W: seen.append(W) or real(a, b, W))
+    for mode in ("each_pair", "last_pair"):
+        seen.clear()
+        wrapper, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file, layer_pairs=[[1, 1], [2, 2]],
+                                span_weights_from=mode)
+        wrapper(**batch)
+        assert len(seen) == 2
+        assert torch.equal(seen[0], seen[1]) == (mode == "last_pair")
+        for W in seen:  # weights over each row's real spans sum to 1
+            assert torch.allclose(W.sum(1), torch.ones(W.size(0)), atol=1e-5)
+    with pytest.raises(LmdistillError, match="span_weights_from"):
+        _setup("sra", gpt2_lm, llama_lm, instructions_file, span_weights_from="first")
+    with pytest.raises(LmdistillError, match="projector_init"):
+        _setup("sra", gpt2_lm, llama_lm, instructions_file, projector_init="kaiming")

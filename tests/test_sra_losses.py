@@ -114,3 +114,23 @@ def test_captured_rows_match_eager_attention(mode):
             expect = torch.stack([A[0].sum((0, 1)), A[1, :, :5].sum((0, 1))])
         assert torch.allclose(rows[layer], expect, atol=1e-5)
     assert 2 not in rows  # only the mapped layers
+
+
+def test_captured_row_at_a_chosen_query_matches_eager_attention():
+    """The row of the last *text* token (the query given per row), not of the appended EOS."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    cap = RowCapture(model, [2], "last_token")
+    cap.prepare(mask, torch.tensor([5, 3]))
+    model(input_ids=ids, attention_mask=mask)
+    row = cap.rows()[2]
+    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    eager.load_state_dict(model.state_dict())
+    A = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
+    assert torch.allclose(row, torch.stack([A[0, :, 5].sum(0), A[1, :, 3].sum(0)]), atol=1e-5)
+    assert float(row[0, 6]) == 0.0 and float(row[1, 4]) == 0.0  # nothing after the query

@@ -26,6 +26,7 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # paths (relative to data_dir) or hub dataset names
     max_examples: int | None = None  # keep the first N (after de-duplication), None = all
     max_length: int = 128  # tokens per sequence
+    prompt_max_fraction: float = 0.5  # LM: a sequence too long keeps at most this share of max_length for its prompt
     text_column: str | None = None  # for CSV/TSV sentence files
     eval: dict[str, str] = field(default_factory=dict)  # name -> file (STS or instruction JSONL)
     eval_limit: int | None = None  # rows per evaluation file, None = all
@@ -42,6 +43,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-5
     projector_lr: float = 1e-3
+    projector_weight_decay: float = 0.0  # the method's projectors (0, as the authors; the student uses weight_decay)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     scheduler: str = "linear"

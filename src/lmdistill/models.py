@@ -335,6 +335,18 @@ def decoder_and_head(model):
     return base.get_decoder(), base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
+def final_norm(model):
+    """The norm a causal LM applies after its last block and before its LM head, or ``None``
+    when the architecture names it otherwise (Llama/Gemma/Qwen/Mistral ``norm``, GPT-2 ``ln_f``,
+    Phi/OPT ``final_layernorm`` / ``final_layer_norm``)."""
+    decoder = base_model(model).get_decoder()
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        mod = getattr(decoder, name, None)
+        if mod is not None:
+            return mod
+    return None
+
+
 def lm_head_logits(head, softcap, x, ids=None, detach_weight: bool = False):
     """Logits of ``x`` through an LM head (only the ``ids`` rows when given), with soft-capping."""
     import torch

@@ -5,7 +5,13 @@ A token's *normalised string* is the text it stands for: the byte-level BPE alph
 (``Ġ`` for a space, ...) decoded to bytes and then UTF-8, SentencePiece's ``▁`` turned into a
 space, byte-fallback tokens (``<0x41>``) turned into their byte. Tokens that are not valid
 UTF-8 on their own keep a ``bytes:..`` key, so a lone byte still matches the same lone byte
-on the other side. Special tokens are left out.
+on the other side. Only tokens marked *special* are left out: added tokens that stand for text
+(Gemma-3's ``\n``, ``\n\n``, tab runs) are ordinary text here.
+
+When several ids of one vocabulary share a string (Gemma-3's byte-fallback ``<0x2C>`` and its
+real piece ``,``), the string's *canonical* id is the one the tokenizer itself produces when it
+encodes that string; failing that a regular piece before a byte-fallback one, then the lowest id.
+A byte-fallback id therefore pairs only where no regular piece of that string exists.
 
 ``vocab_match = "exact"`` compares raw token strings instead (the ablation).
 
@@ -52,39 +58,104 @@ def _decode_bytes(b: bytes) -> str:
         return "bytes:" + b.hex()
 
 
+def is_byte_fallback(tok: str) -> bool:
+    """SentencePiece byte-fallback tokens: ``<0x41>``."""
+    return len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+
+
+def special_ids(tokenizer) -> set[int]:
+    """Ids of the tokens marked special (control tokens); added tokens that are text are not."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for tok_id, added in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
+        if getattr(added, "special", True):
+            ids.add(int(tok_id))
+    return ids
+
+
 def normalised_strings(tokenizer, exact: bool = False) -> list[str | None]:
     """The normalised string of every token id (``None`` for special tokens)."""
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     out: list[str | None] = [None] * size
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for tok_id in getattr(tokenizer, "added_tokens_decoder", {}) or {}:
-        specials.add(tok_id)
+    specials = special_ids(tokenizer)
+    added = {int(i): a for i, a in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()}
     byte_level = is_byte_level(tokenizer)
     for tok, i in vocab.items():
         if i in specials:
             continue
         if exact:
             out[i] = tok
+        elif i in added:  # an added token stands for its content as written
+            out[i] = str(added[i].content)
         elif byte_level:
             if all(ch in _BYTE_DECODER for ch in tok):
                 out[i] = _decode_bytes(bytes(_BYTE_DECODER[ch] for ch in tok))
             else:
                 out[i] = tok
-        elif len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+        elif is_byte_fallback(tok):
             out[i] = _decode_bytes(bytes([int(tok[3:5], 16)]))
         else:
             out[i] = tok.replace("▁", " ")
     return out
 
 
+# encoded after this character, a string is cut at its own start: SentencePiece tokenizers add
+# their word-boundary prefix to the text's first piece, not to the string under test
+_CONTEXT = "§"
+
+
+def produced_id(tokenizer, text: str) -> int | None:
+    """The single id the tokenizer produces for ``text`` (alone, or after a neutral character),
+    or ``None`` when it cuts ``text`` into several tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1:
+        return int(ids[0])
+    try:
+        enc = tokenizer(_CONTEXT + text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError):  # slow tokenizers have no offsets
+        return None
+    start, end = len(_CONTEXT), len(_CONTEXT) + len(text)
+    inside = [(int(i), (a, b)) for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if b > start]
+    if len(inside) == 1 and inside[0][1] == (start, end):
+        return inside[0][0]
+    return None
+
+
+def canonical_index(tokenizer, strings: list[str | None], exact: bool = False) -> dict[str, int]:
+    """``{string: id}`` with one id per string: for strings that several ids share, the id the
+    tokenizer produces for the string, else a regular piece before a byte-fallback one, else the
+    lowest id (module docstring)."""
+    ids: dict[str, list[int]] = {}
+    for i, key in enumerate(strings):
+        if key is not None:
+            ids.setdefault(key, []).append(i)
+    index = {key: c[0] for key, c in ids.items()}
+    if exact:
+        return index
+    inv = {i: t for t, i in tokenizer.get_vocab().items()}
+    for key, cands in ids.items():
+        if len(cands) == 1:
+            continue
+        produced = produced_id(tokenizer, key) if not key.startswith("bytes:") else None
+        if produced in cands:
+            index[key] = produced
+        else:
+            index[key] = min(cands, key=lambda i: (is_byte_fallback(inv.get(i, "")), i))
+    return index
+
+
+# bump when the maps' rules change, so that maps cached by an earlier version are not reused
+MAP_VERSION = 2
+
+
 def _pair_key(student_tok, teacher_tok, kind: str) -> str:
-    h = hashlib.sha256(kind.encode())
+    h = hashlib.sha256(f"{kind}:v{MAP_VERSION}".encode())
     for tok in (student_tok, teacher_tok):
         vocab = tok.get_vocab()
         h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])[:50]).encode())
         h.update(str(len(vocab)).encode())
         h.update(hashlib.sha256("".join(sorted(vocab)).encode()).digest())
+        h.update(json.dumps(sorted(special_ids(tok))).encode())
     return h.hexdigest()[:20]
 
 
@@ -108,17 +179,10 @@ def shared_vocab(student_tok, teacher_tok, match: str = "normalised", cache_dir:
     path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"shared-{key}.npy"
 
     def compute():
-        s = normalised_strings(student_tok, exact=match == "exact")
-        t = normalised_strings(teacher_tok, exact=match == "exact")
-        t_index: dict[str, int] = {}
-        for i, key in enumerate(t):
-            if key is not None and key not in t_index:
-                t_index[key] = i
-        pairs, used = [], set()
-        for i, key in enumerate(s):
-            if key is not None and key in t_index and key not in used:
-                used.add(key)
-                pairs.append((i, t_index[key]))
+        exact = match == "exact"
+        s_index = canonical_index(student_tok, normalised_strings(student_tok, exact), exact)
+        t_index = canonical_index(teacher_tok, normalised_strings(teacher_tok, exact), exact)
+        pairs = sorted((i, t_index[key]) for key, i in s_index.items() if key in t_index)
         return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
     pairs = _cached(path, compute)
@@ -130,12 +194,23 @@ def shared_vocab(student_tok, teacher_tok, match: str = "normalised", cache_dir:
     return pairs
 
 
+def shared_vocab_stats(pairs: np.ndarray, student_tok, teacher_tok) -> dict:
+    """How many pairs the shared vocabulary has, and how many have a byte-fallback token on a side."""
+    def fallback_ids(tok) -> set[int]:
+        return {i for t, i in tok.get_vocab().items() if is_byte_fallback(t)}
+
+    fs, ft = fallback_ids(student_tok), fallback_ids(teacher_tok)
+    n_fb = sum(1 for a, b in pairs.tolist() if a in fs or b in ft)
+    return {"pairs": int(len(pairs)), "byte_fallback_pairs": int(n_fb)}
+
+
 def edit_distance_map(student_tok, teacher_tok, cache_dir: Path | None = None) -> np.ndarray:
     """``[V_teacher]``: for each teacher token, the student token of minimum edit distance (MinED).
 
     Exact (normalised) matches map directly; the rest search the student tokens that start
     with the same character (all student tokens when none does), with rapidfuzz's
-    Levenshtein distance. Special tokens map to the student's unknown/eos token.
+    Levenshtein distance. Special tokens map to the student's unknown/eos token; added tokens
+    that are text (Gemma-3's ``\n``) map like any other token.
     """
     key = _pair_key(student_tok, teacher_tok, "mined")
     path = None if cache_dir is None else Path(cache_dir) / "vocab" / f"mined-{key}.npy"
@@ -152,12 +227,10 @@ def edit_distance_map(student_tok, teacher_tok, cache_dir: Path | None = None) -
         def bucket(key: str) -> tuple[bool, str]:
             return key.startswith(" "), key.lstrip()[:1]
 
-        s_index: dict[str, int] = {}
+        s_index = canonical_index(student_tok, s)
         s_buckets: dict[tuple, list[tuple[str, int]]] = {}
-        for i, key in enumerate(s):
-            if key is not None and key not in s_index:
-                s_index[key] = i
-                s_buckets.setdefault(bucket(key), []).append((key, i))
+        for key, i in s_index.items():
+            s_buckets.setdefault(bucket(key), []).append((key, i))
         out = np.full(len(t), fallback, dtype=np.int64)
         t_buckets: dict[tuple, list[tuple[str, int]]] = {}
         for j, key in enumerate(t):

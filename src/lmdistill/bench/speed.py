@@ -52,7 +52,8 @@ def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
         assert isinstance(m, SFT)
     wrapper = LMDistillModel(student, teacher, m)
     rows = read_instructions(resolve_data_path(cfg.data.train[0], cfg), cfg.train.batch_size)
-    batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs_spans)(
+    batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs_spans,
+                                prompt_max_fraction=cfg.data.prompt_max_fraction)(
         [{"prompt": r.prompt, "response": r.response} for r in rows])
     return wrapper, batch, cfg
 

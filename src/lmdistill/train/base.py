@@ -100,7 +100,7 @@ class DistillTrainer(Trainer):
             param_groups.append({
                 "params": params,
                 "lr": self.tc.projector_lr if is_proj else self.tc.lr,
-                "weight_decay": self.tc.weight_decay if matrix else 0.0,
+                "weight_decay": (self.tc.projector_weight_decay if is_proj else self.tc.weight_decay) if matrix else 0.0,
                 "adaptive": matrix,  # ASAM's |w| scaling on weight matrices only
             })
         base = torch.optim.AdamW(param_groups, lr=self.tc.lr)

@@ -27,33 +27,61 @@ from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.base import Response, Side, num_layers
-from lmdistill.models import decoder_and_head, lm_head_logits
+from lmdistill.models import decoder_and_head, final_norm, lm_head_logits
 from lmdistill.registry import get_method
 from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
 
 log = logging.getLogger("lmdistill")
 
 
-def encode_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> list[tuple]:
-    """Per example: ``ids``, ``labels`` (response tokens + EOS), offsets and real-token mask.
+def encode_batch(tokenizer, prompts: list[str], responses: list[str], max_length: int,
+                 prompt_max_fraction: float = 0.5) -> list[tuple]:
+    """Per example: ``ids``, ``labels`` (response tokens, and EOS when the response is whole),
+    offsets and real-token mask.
 
-    One tokenizer call for the batch (the fast tokenizer encodes the rows in parallel).
+    One tokenizer call for the batch (the fast tokenizer encodes the rows in parallel). A row
+    longer than ``max_length`` keeps its leading special tokens (BOS), the end of its prompt
+    (at most ``prompt_max_fraction * max_length`` tokens, more when the response is short) and
+    as much of its response as fits. A response that had to be cut gets no EOS: the model is
+    never taught to stop mid-sentence.
     """
     texts = [p + r for p, r in zip(prompts, responses)]
-    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=True,
-                    max_length=max_length - 1)
+    enc = tokenizer(texts, return_offsets_mapping=True, return_special_tokens_mask=True, truncation=False)
     eos = tokenizer.eos_token_id
+    prompt_cap = int(max_length * prompt_max_fraction)
     out = []
     for i, prompt in enumerate(prompts):
         ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
         keep = ~np.asarray(enc["special_tokens_mask"][i], dtype=bool)
+        real = np.flatnonzero(keep)
+        lo, hi = (int(real[0]), int(real[-1]) + 1) if len(real) else (len(ids), len(ids))
         resp = keep & (offsets[:, 1] > len(prompt)) & (offsets[:, 1] > offsets[:, 0])
+        n_prompt = int((~resp[lo:hi]).sum()) if len(real) else 0  # text tokens before the response
+        n_resp = hi - lo - n_prompt
+        appends_eos = eos is not None and eos not in ids[hi:].tolist()
+        whole = len(ids) + int(appends_eos) <= max_length
+        if whole:
+            head, body, tail = np.arange(lo), np.arange(lo, hi), np.arange(hi, len(ids))
+        else:  # cut: the prompt's end and the response's start, no tokens after the text
+            room = max(max_length - lo, 1)
+            keep_resp = min(n_resp, max(room - min(n_prompt, prompt_cap), 0))
+            keep_prompt = min(n_prompt, room - keep_resp)
+            head = np.arange(lo)
+            body = np.arange(lo + n_prompt - keep_prompt, lo + n_prompt + keep_resp)
+            tail = np.arange(0)
+        sel = np.concatenate([head, body, tail]).astype(np.int64)
+        ids, offsets, keep, resp = ids[sel], offsets[sel], keep[sel], resp[sel]
         labels = np.where(resp, ids, -100)
-        if eos is not None and (len(ids) == 0 or ids[-1] != eos):
-            ids, labels = np.append(ids, eos), np.append(labels, eos)
-            offsets = np.concatenate([offsets, np.zeros((1, 2), dtype=np.int64)])
-            keep = np.append(keep, False)
+        if whole and eos is not None:
+            at = np.flatnonzero(ids == eos)
+            at = at[at >= len(head) + len(body)]
+            if len(at):  # the tokenizer appended EOS itself
+                labels[at[0]] = eos
+            else:
+                ids, labels = np.append(ids, eos), np.append(labels, eos)
+                offsets = np.concatenate([offsets, np.zeros((1, 2), dtype=np.int64)])
+                keep = np.append(keep, False)
         out.append((ids.tolist(), labels.tolist(), offsets, keep))
     return out
 
@@ -63,27 +91,36 @@ def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (n - len(s)) for s in seqs], dtype=torch.long)
 
 
+def _last_text(encoded: list[tuple]) -> torch.Tensor:
+    """Each row's last text token (not a special token such as the appended EOS) ``[B]``."""
+    return torch.tensor([int(np.flatnonzero(e[3])[-1]) if e[3].any() else len(e[0]) - 1 for e in encoded])
+
+
 class InstructionCollator:
     """Batches prompt/response rows for both tokenizers (and spans when the method needs them)."""
 
-    def __init__(self, student_tok, teacher_tok, max_length: int, spans: bool, max_spans: int = 1024) -> None:
+    def __init__(self, student_tok, teacher_tok, max_length: int, spans: bool, max_spans: int = 1024,
+                 prompt_max_fraction: float = 0.5) -> None:
         self.s_tok, self.t_tok = student_tok, teacher_tok
         self.max_length, self.spans, self.max_spans = max_length, spans, max_spans
+        self.prompt_max_fraction = prompt_max_fraction
         self.stats: list[dict] = []
 
     def __call__(self, rows: list[dict]) -> dict:
         out: dict = {}
         prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
-        s_enc = encode_batch(self.s_tok, prompts, responses, self.max_length)
+        s_enc = encode_batch(self.s_tok, prompts, responses, self.max_length, self.prompt_max_fraction)
         out["s_input_ids"] = _pad([e[0] for e in s_enc], self.s_tok.pad_token_id)
         out["s_attention_mask"] = _pad([[1] * len(e[0]) for e in s_enc], 0)
         out["s_labels"] = _pad([e[1] for e in s_enc], -100)
+        out["s_last_text"] = _last_text(s_enc)
         if self.t_tok is None:
             return out
-        t_enc = encode_batch(self.t_tok, prompts, responses, self.max_length)
+        t_enc = encode_batch(self.t_tok, prompts, responses, self.max_length, self.prompt_max_fraction)
         out["t_input_ids"] = _pad([e[0] for e in t_enc], self.t_tok.pad_token_id)
         out["t_attention_mask"] = _pad([[1] * len(e[0]) for e in t_enc], 0)
         out["t_labels"] = _pad([e[1] for e in t_enc], -100)
+        out["t_last_text"] = _last_text(t_enc)
         if self.spans:
             al = align_batch([e[2] for e in s_enc], [e[2] for e in t_enc], [len(p) for p in prompts],
                              [len(p) + len(r) for p, r in zip(prompts, responses)], [e[3] for e in s_enc],
@@ -119,10 +156,10 @@ class LMDistillModel(nn.Module):
             self.teacher.eval()
         return self
 
-    def _run(self, model, ids, mask, labels, layers, capture, logits: bool, grad: bool) -> Side:
+    def _run(self, model, ids, mask, labels, layers, capture, logits: bool, grad: bool, query=None) -> Side:
         decoder, head, softcap = decoder_and_head(model)
         if capture is not None:
-            capture.prepare(mask)
+            capture.prepare(mask, query if self.method.row_query == "last_text" else None)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
             hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
@@ -135,7 +172,7 @@ class LMDistillModel(nn.Module):
     def forward(self, **batch):
         m = self.method
         s = self._run(self.student, batch["s_input_ids"], batch["s_attention_mask"], batch["s_labels"],
-                      m.student_layers(), self.s_capture, logits=True, grad=True)
+                      m.student_layers(), self.s_capture, logits=True, grad=True, query=batch.get("s_last_text"))
         if s.resp.target.numel() == 0:
             raise LmdistillError("a batch has no response tokens: check that every row has a non-empty 'output'")
         ce = F.cross_entropy(s.logits.float(), s.resp.target)
@@ -143,15 +180,19 @@ class LMDistillModel(nn.Module):
         if m.needs_teacher and self.teacher is not None:
             with torch.no_grad():
                 t = self._run(self.teacher, batch["t_input_ids"], batch["t_attention_mask"], batch["t_labels"],
-                              m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False)
+                              m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False,
+                              query=batch.get("t_last_text"))
         _, s_head, s_cap = decoder_and_head(self.student)
         heads = {
             "ce": ce,
             "student_head_weight": s_head.weight,
+            "student_norm": final_norm(self.student),
             "student_logits": lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids, detach_weight),
         }
         if self.teacher is not None:
             _, t_head, t_cap = decoder_and_head(self.teacher)
+            heads["teacher_head_weight"] = t_head.weight
+            heads["teacher_norm"] = final_norm(self.teacher)
             heads["teacher_logits"] = lambda x, ids=None, detach_weight=True: lm_head_logits(
                 t_head, t_cap, x, ids, detach_weight)
         out = m(batch, s, t, heads)
@@ -246,7 +287,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows],
                             "length": lengths})
     collator = InstructionCollator(s_tok, t_tok if teacher_needed else None, cfg.data.max_length,
-                                   spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024))
+                                   spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024),
+                                   prompt_max_fraction=cfg.data.prompt_max_fraction)
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
                              data_collator=collator, train_config=cfg.train)
@@ -261,7 +303,12 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     s_tok.save_pretrained(student_dir)
     metrics.update({**run, "student_dir": str(student_dir)})
     if getattr(method, "shared", None) is not None:
-        metrics["shared_vocab"] = method.shared
+        masses = [e["shared_mass"] for e in run["log_history"] if "shared_mass" in e]
+        metrics["shared_vocab"] = {**method.shared_stats,
+                                   "teacher_mass_in_shared": round(sum(masses) / len(masses), 6) if masses else None}
+        log.info("shared vocabulary: %d pairs (%d with a byte-fallback side); teacher mass inside it %s",
+                 method.shared, method.shared_stats["byte_fallback_pairs"],
+                 metrics["shared_vocab"]["teacher_mass_in_shared"])
     if evals:
         final.eval()
         metrics["after"] = evaluate(final, s_tok)

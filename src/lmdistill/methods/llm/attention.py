@@ -36,7 +36,9 @@ def _row_attention(module, query, key, *, mode: str, scaling, sliding_window, so
     k = key.repeat_interleave(rep, dim=1) if rep > 1 else key  # [B, H, T, D]
     scale = scaling if scaling is not None else D ** -0.5
     pos = torch.arange(T, device=query.device)
-    last = (mask2d.long() * (pos + 1)).argmax(dim=1)  # index of the last real token [B]
+    last = state.get("query")  # the query position of each row [B], when given
+    if last is None:
+        last = (mask2d.long() * (pos + 1)).argmax(dim=1)  # index of the last real token [B]
     if mode == "received":
         scores = torch.einsum("bhqd,bhkd->bhqk", query, k).float() * scale  # [B, H, T, T], this layer only
         allowed = (pos[None, :] <= pos[:, None])[None] & mask2d.bool()[:, None, :]  # [B, Tq, Tk]
@@ -109,10 +111,11 @@ class RowCapture:
         for m in self.modules.values():
             m._lmdistill_capture = mode
 
-    def prepare(self, attention_mask: torch.Tensor) -> None:
-        """Call before the forward pass with the batch's ``[B, T]`` attention mask."""
+    def prepare(self, attention_mask: torch.Tensor, query: torch.Tensor | None = None) -> None:
+        """Call before the forward pass with the batch's ``[B, T]`` attention mask and, optionally,
+        each row's query position ``[B]`` (default: its last real token)."""
         for m in self.modules.values():
-            m._lmdistill_state = {"mask": attention_mask}
+            m._lmdistill_state = {"mask": attention_mask, "query": query}
             m._lmdistill_row = None
 
     def rows(self) -> dict[int, torch.Tensor]:

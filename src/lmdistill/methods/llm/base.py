@@ -71,6 +71,7 @@ class LMMethod(nn.Module):
     needs_teacher_logits = False
     needs_spans = False
     row_mode: str | None = None  # "last_token" / "received" when attention rows are needed
+    row_query: str = "last_text"  # the last-token row's query: the last text token, or "last_token" (the EOS)
 
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None) -> None:
         super().__init__()

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmdistill.align.vocab import shared_vocab
+from lmdistill.align.vocab import shared_vocab, shared_vocab_stats
 from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.base import LMMethod, num_layers
+from lmdistill.models import final_norm
 from lmdistill.registry import register
 
 
@@ -47,6 +48,11 @@ class SRAOptions:
     w_velocity: float = 1.0
     vocab_match: str = "normalised"  # normalised | exact
     max_spans: int = 1024
+    span_weights_from: str = "each_pair"  # each_pair (its own teacher masses, as the authors' code) | last_pair
+    query_at: str = "last_text"  # the attention row's query: last_text (as the authors) | last_token (the EOS)
+
+
+MASS_EVERY = 25  # forward passes between two measurements of the teacher's mass in the shared vocabulary
 
 
 def default_layer_pairs(n_student: int, n_teacher: int, n_pairs: int) -> list[tuple[int, int]]:
@@ -132,7 +138,10 @@ class SRA(LMMethod):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)
         for name, val, allowed in (("weighting", opts.weighting, ("last_token", "received", "uniform")),
                                    ("span_weighting", opts.span_weighting, ("attention", "uniform")),
-                                   ("logit_reduction", opts.logit_reduction, ("sum", "mean"))):
+                                   ("logit_reduction", opts.logit_reduction, ("sum", "mean")),
+                                   ("span_weights_from", opts.span_weights_from, ("each_pair", "last_pair")),
+                                   ("query_at", opts.query_at, ("last_text", "last_token")),
+                                   ("projector_init", opts.projector_init, ("xavier", "orthogonal"))):
             if val not in allowed:
                 raise LmdistillError(f"sra {name}={val!r} is not one of {', '.join(allowed)}")
         ns, nt = num_layers(student), num_layers(teacher)
@@ -144,17 +153,42 @@ class SRA(LMMethod):
                 )
         self.pairs = pairs
         self.row_mode = None if opts.weighting == "uniform" else opts.weighting
+        self.row_query = opts.query_at
         d_s = student.get_input_embeddings().embedding_dim
         d_t = teacher.get_input_embeddings().embedding_dim
         self.projectors = nn.ModuleList(nn.Linear(d_s, d_t, bias=False) for _ in pairs)
         for proj in self.projectors:
             (nn.init.orthogonal_ if opts.projector_init == "orthogonal" else nn.init.xavier_uniform_)(proj.weight)
         self.shared = None
+        # the LM head reads the final norm's output: a CoM taken at a non-final layer is a
+        # pre-norm state (norms in the thousands), so that model's final norm goes first
+        self.norm_s = self.norm_t = False
         if opts.w_logit > 0:
+            for side, model, layer, n in (("student", student, pairs[-1][0], ns), ("teacher", teacher, pairs[-1][1], nt)):
+                if layer != n and final_norm(model) is None:
+                    raise LmdistillError(
+                        f"sra: the span logit term reads the {side}'s LM head at layer {layer} of {n}, and its "
+                        "final norm could not be found: end layer_pairs at the final layers, or set method_args.w_logit=0"
+                    )
+            self.norm_s, self.norm_t = pairs[-1][0] != ns, pairs[-1][1] != nt
             pairs_v = torch.as_tensor(shared_vocab(student_tokenizer, teacher_tokenizer, opts.vocab_match, cache_dir))
             self.register_buffer("shared_s", pairs_v[:, 0].clone(), persistent=False)
             self.register_buffer("shared_t", pairs_v[:, 1].clone(), persistent=False)
             self.shared = len(pairs_v)
+            self.shared_stats = shared_vocab_stats(pairs_v.numpy(), student_tokenizer, teacher_tokenizer)
+        self._calls = 0
+
+    @torch.no_grad()
+    def teacher_shared_mass(self, heads, c_t, z_shared, span_mask, max_spans: int = 64) -> torch.Tensor:
+        """The teacher's probability mass inside the shared vocabulary at its span CoMs (tau = 1),
+        averaged over up to ``max_spans`` real spans of the batch (the full head is applied to those only)."""
+        real = span_mask.bool()
+        if not real.any():
+            return torch.zeros((), device=c_t.device)
+        rows = torch.nonzero(real, as_tuple=False)[:max_spans]
+        z_full = heads["teacher_logits"](c_t[rows[:, 0], rows[:, 1]]).float()
+        inside = z_shared[rows[:, 0], rows[:, 1]].float().logsumexp(-1) - z_full.logsumexp(-1)
+        return inside.exp().mean()
 
     def student_layers(self) -> list[int]:
         return sorted({ls for ls, _ in self.pairs})
@@ -167,7 +201,7 @@ class SRA(LMMethod):
         span_mask = batch["span_mask"]
         Ms = span_matrix(batch["spans_s"], span_mask, batch["s_input_ids"].size(1))
         Mt = span_matrix(batch["spans_t"], span_mask, batch["t_input_ids"].size(1))
-        coms_s, coms_t, W = [], [], None
+        coms_s, coms_t, Ws = [], [], []
         for ls, lt in self.pairs:
             ws = token_weights(s.rows.get(ls), s.attention_mask, o.weighting)
             wt = token_weights(t.rows.get(lt), t.attention_mask, o.weighting)
@@ -175,12 +209,13 @@ class SRA(LMMethod):
             ct, mt = span_com(t.hidden[lt], wt, Mt)
             coms_s.append(cs)
             coms_t.append(ct.detach())
-            if W is None or (ls, lt) == self.pairs[-1]:
-                W = span_weights(mt, span_mask, o.p, uniform=o.span_weighting == "uniform")
-        W = W.detach()
+            Ws.append(span_weights(mt, span_mask, o.p, uniform=o.span_weighting == "uniform").detach())
+        if o.span_weights_from == "last_pair":
+            Ws = [Ws[-1]] * len(Ws)
+        W = Ws[-1]  # the geometric and span logit terms live at the last pair
         proj = [P(c) for P, c in zip(self.projectors, coms_s)]
         lam = 1.0 / len(self.pairs)
-        l_span = sum(lam * weighted_cosine_loss(ps, ct, W) for ps, ct in zip(proj, coms_t))
+        l_span = sum(lam * weighted_cosine_loss(ps, ct, Wp) for ps, ct, Wp in zip(proj, coms_t, Ws))
         out = {"ce": heads["ce"], "span": l_span}
         if o.velocity and len(self.pairs) > 1:
             vel = sum(weighted_cosine_loss(proj[i + 1] - proj[i], coms_t[i + 1] - coms_t[i], W)
@@ -192,9 +227,17 @@ class SRA(LMMethod):
             out["geo"] = geometric_loss(coms_s[-1], coms_t[-1], W, span_mask)
             distill = distill + o.lambda_geo * out["geo"]
         if o.w_logit > 0:
-            z_s = heads["student_logits"](coms_s[-1], self.shared_s)
+            c_s, c_t = coms_s[-1], coms_t[-1]
+            if self.norm_s:
+                c_s = heads["student_norm"](c_s.to(heads["student_head_weight"].dtype))
+            z_s = heads["student_logits"](c_s, self.shared_s)
             with torch.no_grad():
-                z_t = heads["teacher_logits"](coms_t[-1], self.shared_t)
+                if self.norm_t:
+                    c_t = heads["teacher_norm"](c_t.to(heads["teacher_head_weight"].dtype))
+                z_t = heads["teacher_logits"](c_t, self.shared_t)
+                if self._calls % MASS_EVERY == 0:
+                    out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t, span_mask)
+            self._calls += 1
             out["logit"] = span_logit_kl(z_s, z_t, span_mask, o.tau, o.logit_reduction)
             distill = distill + o.w_logit * out["logit"]
         out["loss"] = o.alpha * heads["ce"] + (1 - o.alpha) * distill
