@@ -170,8 +170,8 @@ def test_sra_applies_the_final_norm_before_the_head_at_a_non_final_layer(gpt2_lm
     for last, expect in (([[1, 1]], True), ([[2, 2]], False)):
         wrapper, batch = _setup("sra", llama_lm, gpt2_lm, instructions_file, layer_pairs=last)
         calls = {"s": [], "t": []}
-        models.final_norm(wrapper.student).register_forward_hook(lambda m, a, o: calls["s"].append(a[0].shape))
-        models.final_norm(wrapper.teacher).register_forward_hook(lambda m, a, o: calls["t"].append(a[0].shape))
+        models.final_norm(wrapper.student).register_forward_hook(lambda m, a, o, c=calls: c["s"].append(a[0].shape))
+        models.final_norm(wrapper.teacher).register_forward_hook(lambda m, a, o, c=calls: c["t"].append(a[0].shape))
         out = wrapper(**batch)
         K = batch["span_mask"].size(1)
         # each decoder's own call on [B, T, d], then, at a non-final layer, one on the CoMs [B, K, d]

@@ -3,10 +3,10 @@ tokenizers themselves produce for it (not a byte-fallback twin), added text toke
 
 import numpy as np
 import pytest
+import tiny
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 
-import tiny
 from lmdistill import models
 from lmdistill.align.vocab import edit_distance_map, normalised_strings, shared_vocab, shared_vocab_stats
 
