@@ -211,3 +211,27 @@ def test_sra_span_weights_come_from_each_pair(gpt2_lm, llama_lm, instructions_fi
         _setup("sra", gpt2_lm, llama_lm, instructions_file, span_weights_from="first")
     with pytest.raises(LmdistillError, match="projector_init"):
         _setup("sra", gpt2_lm, llama_lm, instructions_file, projector_init="kaiming")
+
+
+def test_lm_student_reduced_to_a_subset_of_its_blocks(llama_lm, tmp_path):
+    """``student_layers`` in an LM run: the pruned student runs, saves and reloads as a plain model."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 100, (2, 6))
+    kept = [model.model.layers[i] for i in (0, 2)]
+    models.reduce_causal_layers(model, [0, 2])
+    assert list(model.model.layers) == kept and model.config.num_hidden_layers == 2
+    assert [b.self_attn.layer_idx for b in model.model.layers] == [0, 1]
+    out = model(input_ids=ids).logits
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False)  # the KV cache follows the new indices
+    assert gen.shape == (2, 9)
+    model.save_pretrained(tmp_path / "pruned")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert torch.allclose(again(input_ids=ids).logits, out, atol=1e-6)
+    for bad in ([], [0, 4], [1, 1]):
+        with pytest.raises(LmdistillError, match="student_layers"):
+            models.reduce_causal_layers(AutoModelForCausalLM.from_config(cfg), bad)

@@ -190,6 +190,17 @@ def validate(cfg: Config) -> None:
         raise LmdistillError("train.batch_size and train.grad_accum must be at least 1")
     if not isinstance(cfg.method_args, dict):
         raise LmdistillError("method_args must be a mapping of the method's options")
+    # keys that belong to one task only are refused in the other, never silently ignored
+    if cfg.task == "embedding" and cfg.train.lora:
+        raise LmdistillError("train.lora applies to LM students only: remove it (embedding students train in full)")
+    if cfg.task == "lm" and cfg.data.teacher_cache:
+        raise LmdistillError("data.teacher_cache is for embedding runs (LM runs run the teacher online): remove it")
+    if cfg.train.asam_interval < 1:
+        raise LmdistillError(f"train.asam_interval must be at least 1, got {cfg.train.asam_interval}")
+    if cfg.train.rho < 0:
+        raise LmdistillError(f"train.rho must be 0 or more, got {cfg.train.rho}")
+    if not 0 < cfg.data.prompt_max_fraction <= 1:
+        raise LmdistillError(f"data.prompt_max_fraction must be in (0, 1], got {cfg.data.prompt_max_fraction}")
 
 
 def build_options(options_cls: type, raw: dict[str, Any], method: str) -> Any:

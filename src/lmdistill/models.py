@@ -280,6 +280,49 @@ def reduce_layers(st_model, layers: list[int]) -> None:
     hf.config.num_hidden_layers = len(layers)
 
 
+def decoder_layers(model):
+    """The transformer blocks of a causal LM (Llama, Gemma, GPT-2, Mistral, Qwen, ...)."""
+    import torch
+
+    base = base_model(model)
+    dec = base.get_decoder() if hasattr(base, "get_decoder") else base
+    for attr in ("layers", "h", "blocks"):
+        if isinstance(getattr(dec, attr, None), torch.nn.ModuleList):
+            return getattr(dec, attr)
+    raise LmdistillError(f"cannot find the blocks of {type(model).__name__}: use a Llama/GPT-2-like causal LM")
+
+
+def reduce_causal_layers(model, layers: list[int]) -> None:
+    """Keep only ``layers`` (0-based indices into the blocks) of a causal LM, in place: the
+    blocks' cache indices, ``num_hidden_layers`` and per-layer config lists (``layer_types``)
+    follow, so the reduced model saves and loads as a plain model of that depth."""
+    import torch
+
+    base = base_model(model)
+    dec = base.get_decoder() if hasattr(base, "get_decoder") else base
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    if not layers or any(not isinstance(i, int) or not 0 <= i < n for i in layers) or len(set(layers)) != len(layers):
+        raise LmdistillError(
+            f"student_layers {layers} is not a list of distinct block indices 0..{n - 1}: e.g. [0, 2, 4, ...]"
+        )
+    kept = torch.nn.ModuleList([blocks[i] for i in layers])
+    for new_idx, block in enumerate(kept):
+        for mod in block.modules():
+            if hasattr(mod, "layer_idx"):
+                mod.layer_idx = new_idx
+    for attr in ("layers", "h", "blocks"):
+        if getattr(dec, attr, None) is blocks:
+            setattr(dec, attr, kept)
+    cfg = base.config
+    for key in ("num_hidden_layers", "n_layer"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, len(layers))
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and len(types) == n:
+        cfg.layer_types = [types[i] for i in layers]
+
+
 def load_tokenizer(ref: str, cache_dir: str | None = None, trust_remote_code: bool = False):
     """A fast tokenizer (with offsets); a clear error when only a slow one exists."""
     from transformers import AutoTokenizer

@@ -131,13 +131,18 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
 
     cfg = load_config(config, ov)
     if vkind in ("teacher", "student"):
-        ref = cfg.teacher if vkind == "teacher" else cfg.student
+        ref, tok = (cfg.teacher, None) if vkind == "teacher" else (cfg.student, None)
+        if vkind == "student" and cfg.student_layers:  # the pruned student, as training starts from it
+            from lmdistill import models
+            from lmdistill.train.lm import load_student_lm
+
+            ref, tok = load_student_lm(cfg).to(models.default_device()).eval(), models.load_tokenizer(cfg.student)
         scores = {}
         for n, p in cfg.data.eval.items():
             path = resolve_data_path(p, cfg)
             r = rouge_eval(ref, path, cfg.eval.max_new_tokens, cfg.eval.seeds, cfg.eval.greedy, cfg.data.eval_limit,
-                           cfg.eval.batch_size, progress=False)
-            b = bpb_eval(ref, path, cfg.data.eval_limit, cfg.eval.batch_size, progress=False)
+                           cfg.eval.batch_size, progress=False, tokenizer=tok)
+            b = bpb_eval(ref, path, cfg.data.eval_limit, cfg.eval.batch_size, progress=False, tokenizer=tok)
             scores[n] = {"rougeL": r["rougeL"], "bpb": b["bpb"], "bpb_pooled": b["bpb_pooled"], "n": r["n"]}
         return {"scores": scores}
     cfg.eval.before = False

@@ -201,10 +201,18 @@ class LMDistillModel(nn.Module):
         return out
 
 
+def load_student_lm(cfg: Config):
+    """The student causal LM, reduced to ``cfg.student_layers`` when given (compression by pruning)."""
+    student = models.load_causal_lm(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
+    if cfg.student_layers:
+        models.reduce_causal_layers(student, list(cfg.student_layers))
+    return student
+
+
 def load_lm_pair(cfg: Config, teacher_needed: bool = True):
     """Student, teacher (or None) and their tokenizers."""
     s_tok = models.load_tokenizer(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
-    student = models.load_causal_lm(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
+    student = load_student_lm(cfg)
     teacher = t_tok = None
     if teacher_needed:
         if not cfg.teacher:

@@ -18,7 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lmdistill.models import base_model
+from lmdistill.models import base_model, decoder_layers
 
 try:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -75,16 +75,6 @@ def lmdistill_sdpa(module, query, key, value, attention_mask, **kwargs):
 AttentionInterface.register(IMPL, lmdistill_sdpa)
 if ALL_MASK_ATTENTION_FUNCTIONS is not None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL, sdpa_mask)
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The transformer blocks of a causal LM (Llama, Gemma, GPT-2, Mistral, Qwen, ...)."""
-    base = base_model(model)
-    dec = base.get_decoder() if hasattr(base, "get_decoder") else base
-    for attr in ("layers", "h", "blocks"):
-        if isinstance(getattr(dec, attr, None), torch.nn.ModuleList):
-            return getattr(dec, attr)
-    raise ValueError(f"cannot find the blocks of {type(model).__name__}")
 
 
 def _attention_module(block) -> torch.nn.Module:
