@@ -78,6 +78,7 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     bpb: bool = True  # LM: bits per byte next to ROUGE-L
+    rouge_limit: int | None = None  # LM: rows per file for ROUGE-L (generation is the slow part); None = data.eval_limit
 
 
 @dataclass

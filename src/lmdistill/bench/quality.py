@@ -127,7 +127,7 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
     from lmdistill.config import resolve_data_path
     from lmdistill.eval.bpb import bpb_eval
     from lmdistill.eval.generation import rouge_eval
-    from lmdistill.train.lm import run_lm
+    from lmdistill.train.lm import rouge_limit, run_lm
 
     cfg = load_config(config, ov)
     if vkind in ("teacher", "student"):
@@ -140,7 +140,7 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
         scores = {}
         for n, p in cfg.data.eval.items():
             path = resolve_data_path(p, cfg)
-            r = rouge_eval(ref, path, cfg.eval.max_new_tokens, cfg.eval.seeds, cfg.eval.greedy, cfg.data.eval_limit,
+            r = rouge_eval(ref, path, cfg.eval.max_new_tokens, cfg.eval.seeds, cfg.eval.greedy, rouge_limit(cfg),
                            cfg.eval.batch_size, progress=False, tokenizer=tok)
             b = bpb_eval(ref, path, cfg.data.eval_limit, cfg.eval.batch_size, progress=False, tokenizer=tok)
             scores[n] = {"rougeL": r["rougeL"], "bpb": b["bpb"], "bpb_pooled": b["bpb_pooled"], "n": r["n"]}

@@ -201,6 +201,11 @@ class LMDistillModel(nn.Module):
         return out
 
 
+def rouge_limit(cfg: Config) -> int | None:
+    """Rows per evaluation file for ROUGE-L: ``eval.rouge_limit``, else ``data.eval_limit``."""
+    return cfg.eval.rouge_limit if cfg.eval.rouge_limit is not None else cfg.data.eval_limit
+
+
 def load_student_lm(cfg: Config):
     """The student causal LM, reduced to ``cfg.student_layers`` when given (compression by pruning)."""
     student = models.load_causal_lm(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
@@ -272,7 +277,7 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         res = {}
         for name, path in evals.items():
             r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
-                           greedy=cfg.eval.greedy, limit=cfg.data.eval_limit, batch_size=cfg.eval.batch_size,
+                           greedy=cfg.eval.greedy, limit=rouge_limit(cfg), batch_size=cfg.eval.batch_size,
                            tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, progress=progress)
             if cfg.eval.bpb:
                 r.update({k: v for k, v in bpb_eval(ref_or_model, path, limit=cfg.data.eval_limit, tokenizer=tok,
