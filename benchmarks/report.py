@@ -18,15 +18,26 @@ from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, up
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _merged(prefix: str) -> dict | None:
+def _merged(prefix: str, allow_dirty: bool = False) -> dict | None:
     """The latest run of a benchmark, with the runs of earlier files of the same protocol (same
     config and overrides) merged in: seeds run in separate sessions make one table. A (variant,
     seed) measured twice keeps its latest result; a reference (teacher, untrained student) is
-    deterministic and counted once."""
+    deterministic and counted once. Each run carries the commit of its file and whether that
+    tree was dirty; files from a dirty tree are left out unless ``allow_dirty``."""
     files = sorted(RESULTS.glob(f"{prefix}-*.json"))
-    if not files:
+    recs = []
+    for f in files:
+        rec = json.loads(f.read_text())
+        if rec.get("git_dirty") and not allow_dirty:
+            print(f"[report] {f.name}: from a dirty tree (commit {str(rec.get('git_commit'))[:10]}), left out; "
+                  "--allow-dirty takes it", file=sys.stderr)
+            continue
+        for run in rec.get("runs", []):
+            run.setdefault("git_commit", rec.get("git_commit"))
+            run.setdefault("git_dirty", rec.get("git_dirty"))
+        recs.append(rec)
+    if not recs:
         return None
-    recs = [json.loads(f.read_text()) for f in files]
     base = dict(recs[-1])
     if "runs" not in base:  # the speed benchmark: one run is the whole measurement
         return base
@@ -54,9 +65,15 @@ def _stamp(rec: dict) -> str:
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, torch {rec['versions']['torch']}")
 
 
+def _seeds(row: dict) -> str:
+    """How many seeds a row averages, and how many failed (a failed seed is shown, not dropped)."""
+    failed = len(row["errors"])
+    return str(row["n_seeds"]) + (f" ({failed} failed: {'; '.join(row['errors'])[:120]})" if failed else "")
+
+
 def embedding_section(rec: dict) -> str:
     rows = summarise(rec)
-    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step")
+    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step", "commits")
     evals: list[str] = []
     for r in rows:
         evals += [k for k in r if k not in evals and k not in meta]
@@ -64,14 +81,15 @@ def embedding_section(rec: dict) -> str:
     points = []
     for r in rows:
         table.append([r["variant"]] + [fmt(*r[e]) if e in r else "-" for e in evals]
-                     + [fmt(r.get("seconds_per_step"), None, 2) if r.get("seconds_per_step") else "-", str(r["n_seeds"])])
+                     + [fmt(r.get("seconds_per_step"), None, 2) if r.get("seconds_per_step") else "-", _seeds(r),
+                        ", ".join(r["commits"]) or "-"])
         if r.get("seconds_per_step") and evals and evals[0] in r:
             points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
     png = RESULTS / f"embedding-{rec['preset']}.png"
     if points:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} Spearman x100",
                            f"Embedding distillation ({rec['preset']} preset)", png)
-    md = markdown_table(["variant"] + [f"{e} Spearman" for e in evals] + ["s/step", "seeds"], table)
+    md = markdown_table(["variant"] + [f"{e} Spearman" for e in evals] + ["s/step", "seeds", "commit"], table)
     return (f"### Sentence embeddings: all-mpnet-base-v2 -> MiniLM-L6 layers 0,2,4 ({rec['preset']} preset)\n\n"
             f"{_stamp(rec)}. Mean ± standard deviation over seeds {rec['seeds']}; variants run: "
             f"{len({r['variant'] for r in rec['runs']})} of the benchmark's list (a stopped run keeps what it measured). "
@@ -82,21 +100,22 @@ def embedding_section(rec: dict) -> str:
 def lm_section(rec: dict) -> str:
     rows_r = summarise(rec, "rougeL")
     rows_b = summarise(rec, "bpb")
-    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step")
+    meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step", "commits")
     evals = [k for k in rows_r[0] if k not in meta] if rows_r else []
     table, points = [], []
     for r, b in zip(rows_r, rows_b):
         cells = [r["variant"]]
         for e in evals:
             cells += [fmt(*r[e]) if e in r else "-", fmt(b[e][0], b[e][1], 3) if e in b else "-"]
-        cells += [fmt(r.get("seconds_per_step")) if r.get("seconds_per_step") else "-", str(r["n_seeds"])]
+        cells += [fmt(r.get("seconds_per_step")) if r.get("seconds_per_step") else "-", _seeds(r),
+                  ", ".join(r["commits"]) or "-"]
         table.append(cells)
         if r.get("seconds_per_step") and evals and evals[0] in r:
             points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
     png = RESULTS / f"lm-{rec['preset']}.png"
     if points:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
-    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds"]
+    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds", "commit"]
     return (f"### Cross-tokenizer LM: Gemma-3-270M -> SmolLM2-135M ({rec['preset']} preset)\n\n{_stamp(rec)}. "
             f"Training seeds {', '.join(map(str, rec['seeds']))} (mean ± standard deviation where a variant ran more "
             f"than one; the seeds column says how many); ROUGE-L over the first "
@@ -118,11 +137,16 @@ def speed_section(rec: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--allow-dirty", action="store_true", help="also merge results from a dirty tree (marked so)")
+    args = ap.parse_args()
     parts = []
     for prefix, fn in (("embedding-cpu", embedding_section), ("embedding-full", embedding_section),
-                       ("lm-cpu", lm_section), ("lm-full", lm_section), ("speed-embedding", speed_section),
-                       ("speed-lm", speed_section)):
-        rec = _merged(prefix)
+                       ("lm-cpu", lm_section), ("lm-cpu2", lm_section), ("lm-full", lm_section),
+                       ("speed-embedding", speed_section), ("speed-lm", speed_section)):
+        rec = _merged(prefix, args.allow_dirty)
         if rec:
             parts.append(fn(rec))
     section = "\n".join(parts) if parts else "(no benchmark results yet)"

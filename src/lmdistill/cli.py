@@ -25,7 +25,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
-    warnings.filterwarnings("ignore")
+    # the libraries' deprecation notices are for us, not for users; every other warning shows
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|sentence_transformers|torch|peft|"
+                                r"accelerate|datasets|mteb)(\.|$)")
     try:
         from transformers.utils import logging as hf_logging
 

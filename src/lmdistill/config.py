@@ -24,7 +24,7 @@ class DataConfig:
     """Where the training and evaluation data come from."""
 
     train: list[str] = field(default_factory=list)  # paths (relative to data_dir) or hub dataset names
-    max_examples: int | None = None  # keep the first N (after de-duplication), None = all
+    max_examples: int | None = None  # the first N over all files (embedding: unique sentences; LM: rows); None = all
     max_length: int = 128  # tokens per sequence
     prompt_max_fraction: float = 0.5  # LM: a sequence too long keeps at most this share of max_length for its prompt
     text_column: str | None = None  # for CSV/TSV sentence files
@@ -200,19 +200,22 @@ def validate(cfg: Config) -> None:
         raise LmdistillError(f"train.asam_interval must be at least 1, got {cfg.train.asam_interval}")
     if cfg.train.rho < 0:
         raise LmdistillError(f"train.rho must be 0 or more, got {cfg.train.rho}")
+    if not 0 <= cfg.train.warmup_ratio < 1:
+        raise LmdistillError(f"train.warmup_ratio is a share of the steps, in [0, 1): got {cfg.train.warmup_ratio}")
     if not 0 < cfg.data.prompt_max_fraction <= 1:
         raise LmdistillError(f"data.prompt_max_fraction must be in (0, 1], got {cfg.data.prompt_max_fraction}")
 
 
 def build_options(options_cls: type, raw: dict[str, Any], method: str) -> Any:
     """A method's ``Options`` from ``method_args``, refusing unknown keys."""
-    known = {f.name for f in fields(options_cls)}
+    known = {f.name: f for f in fields(options_cls)}
     for key in raw:
         if key not in known:
             raise LmdistillError(
                 f"unknown option {key!r} for method {method!r}: known options are {', '.join(sorted(known))}"
             )
-    return options_cls(**raw)
+    # the same numeric reading as top-level keys (YAML reads 2e0 as a string)
+    return options_cls(**{k: _coerce(v, known[k], f"method_args.{k}") for k, v in raw.items()})
 
 
 def data_dir(cfg: Config | None = None) -> Path | None:

@@ -119,8 +119,15 @@ def _gguf_to_folder(gguf: Path, target: Path) -> Path:
         del config.quantization_config
     state = model.state_dict()
     clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config.to_dict()), dtype=torch.float32)
-    clean.load_state_dict(state, strict=False)
-    if getattr(clean.config, "tie_word_embeddings", False):
+    report = clean.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(clean.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in report.missing_keys if k not in tied]
+    if missing:  # a weight the GGUF file did not carry would stay random
+        raise LmdistillError(
+            f"{gguf.name}: the converted model lacks {len(missing)} weights ({', '.join(missing[:3])}, ...): "
+            "this GGUF architecture is not fully supported by transformers' GGUF loader; give a safetensors folder"
+        )
+    if tied:
         clean.tie_weights()
     tmp = _atomic_dir(target)
     try:
@@ -278,6 +285,15 @@ def reduce_layers(st_model, layers: list[int]) -> None:
         parent = getattr(parent, attr)
     setattr(parent, path.split(".")[-1], kept)
     hf.config.num_hidden_layers = len(layers)
+
+
+def enable_gradient_checkpointing(hf_model) -> None:
+    """Recompute each block's activations in backward instead of keeping them (less memory,
+    about one more forward of compute); non-reentrant, so frozen inputs and peft work."""
+    if not getattr(hf_model, "supports_gradient_checkpointing", False):
+        raise LmdistillError(f"{type(hf_model).__name__} does not support gradient checkpointing: "
+                             "set train.gradient_checkpointing=false")
+    hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def decoder_layers(model):

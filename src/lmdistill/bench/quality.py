@@ -122,8 +122,7 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
         cfg.eval.before = False
         cfg.eval.teacher = False
         m = run_embedding(cfg, progress=False)
-        return {"scores": {n: r["spearman"] for n, r in m["after"].items()}, "seconds_per_step": m["seconds_per_step"],
-                "steps": m["steps"], "train_loss": m["train_loss"]}
+        return {"scores": {n: r["spearman"] for n, r in m["after"].items()}, **_train_facts(m)}
     from lmdistill.config import resolve_data_path
     from lmdistill.eval.bpb import bpb_eval
     from lmdistill.eval.generation import rouge_eval
@@ -149,8 +148,26 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
     cfg.eval.teacher = False
     m = run_lm(cfg, progress=False)
     scores = {n: {k: r.get(k) for k in ("rougeL", "bpb", "bpb_pooled", "n")} for n, r in m["after"].items()}
-    return {"scores": scores, "seconds_per_step": m["seconds_per_step"], "steps": m["steps"],
-            "train_loss": m["train_loss"]}
+    out = {"scores": scores, **_train_facts(m)}
+    if "shared_vocab" in m:
+        out["shared_vocab"] = m["shared_vocab"]
+    return out
+
+
+def _train_facts(m: dict) -> dict:
+    """What a trained run keeps in the record besides its scores: cost, and every logged loss term
+    per logging step (``log_history``), so that statements about the terms can be checked."""
+    terms = [{k: v for k, v in e.items() if k not in ("epoch",)} for e in m.get("log_history", [])]
+    return {"seconds_per_step": m["seconds_per_step"], "steps": m["steps"], "train_loss": m["train_loss"],
+            "nonfinite_steps": m.get("nonfinite_steps", 0), "log_history": terms}
+
+
+def _commit_label(run: dict) -> str | None:
+    """``abcdef1234`` (or ``abcdef1234+dirty``) of the tree a run came from."""
+    commit = run.get("git_commit")
+    if not commit:
+        return None
+    return str(commit)[:10] + ("+dirty" if run.get("git_dirty") else "")
 
 
 def summarise(record: dict, metric: str | None = None) -> list[dict]:
@@ -165,7 +182,8 @@ def summarise(record: dict, metric: str | None = None) -> list[dict]:
     for name in order:
         runs = [r for r in by[name] if "scores" in r]
         row = {"variant": name, "group": by[name][0]["group"], "n_seeds": len(runs),
-               "errors": [r["error"] for r in by[name] if "error" in r]}
+               "errors": [f"seed {r['seed']}: {r['error']}" for r in by[name] if "error" in r],
+               "commits": sorted({_commit_label(r) for r in by[name] if _commit_label(r)})}
         if runs:
             for ev in runs[0]["scores"]:
                 vals = [r["scores"][ev] if metric is None else r["scores"][ev][metric] for r in runs]

@@ -16,6 +16,7 @@ Training-loop logic (accumulation, scheduling, resume, distributed) stays transf
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,6 +34,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.optim import ASAM
 
 WEIGHTS = "model.safetensors"
+log = logging.getLogger("lmdistill")
 
 
 def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> TrainingArguments:
@@ -46,7 +48,7 @@ def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> Trai
         max_steps=tc.max_steps,
         learning_rate=tc.lr,
         weight_decay=tc.weight_decay,
-        warmup_steps=tc.warmup_ratio,
+        warmup_steps=tc.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the total steps
         lr_scheduler_type=tc.scheduler,
         max_grad_norm=0.0,
         logging_steps=tc.logging_steps,
@@ -76,6 +78,7 @@ class DistillTrainer(Trainer):
         self.tc = train_config
         self.projector_prefixes = projector_prefixes
         self._micro: list[tuple[dict, object]] = []
+        self._micro_step = -1  # the optimizer step the stashed micro-batches belong to
         self._in_closure = False
         self._terms: dict[str, list[float]] = {}
         self.nonfinite_total = 0
@@ -108,7 +111,13 @@ class DistillTrainer(Trainer):
         self.optimizer = ASAM(base, rho=rho, eta=self.tc.eta, adaptive=self.tc.optimizer == "asam",
                               interval=self.tc.asam_interval, max_grad_norm=self.tc.max_grad_norm or None)
         self.optimizer.closure = self._sam_closure
+        if self.tc.fp16:  # the closure's descent gradient comes back scaled: ASAM divides it by the scale
+            self.optimizer.grad_scale = self._loss_scale
         return self.optimizer
+
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return 1.0 if scaler is None else float(scaler.get_scale())
 
     @property
     def _sam(self) -> bool:
@@ -116,9 +125,17 @@ class DistillTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._sam and not self._in_closure:
-            self._micro.append((inputs, num_items_in_batch))
+            step = self.state.global_step
+            if step != self._micro_step:  # a new optimizer step: what an earlier step left is stale
+                self._micro, self._micro_step = [], step
+            if self._perturbs(step):  # stash only for a step that will re-run its micro-batches
+                self._micro.append((inputs, num_items_in_batch))
         loss = super().training_step(model, inputs, num_items_in_batch)
         return loss
+
+    def _perturbs(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is a SAM step (ASAM counts its steps from 1)."""
+        return (step + 1) % max(self.tc.asam_interval, 1) == 0
 
     def _sam_closure(self):
         """Re-run this step's micro-batches (forward + backward) at the perturbed weights."""
@@ -138,7 +155,7 @@ class DistillTrainer(Trainer):
         loss = out["loss"]
         if self._in_closure:
             return loss
-        if not torch.isfinite(loss.detach()).all():
+        if not self._all_finite(loss):
             self.nonfinite_total += 1
             self.nonfinite_run += 1
             if self.nonfinite_run >= self.tc.max_nonfinite_steps:
@@ -153,6 +170,14 @@ class DistillTrainer(Trainer):
             if torch.is_tensor(v) and v.numel() == 1:
                 self._terms.setdefault(k, []).append(float(v.detach()))
         return (loss, out) if return_outputs else loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every process: one process's NaN skips the step on all,
+        so that none waits in an all-reduce the others never enter."""
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return float(bad) == 0.0
 
     def _skip_this_step(self) -> None:
         opt = self.optimizer
@@ -178,9 +203,12 @@ class DistillTrainer(Trainer):
     # ---- checkpoints ----------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         model = self.accelerator.unwrap_model(self.model)
+        full = model.state_dict()
+        # no frozen teacher weight goes into a checkpoint, under whatever name a method holds it
+        frozen = {t.data_ptr() for n, t in full.items() if n.startswith("teacher.") and t.numel()}
         state, seen = {}, set()
-        for name, t in model.state_dict().items():
-            if name.startswith("teacher."):
+        for name, t in full.items():
+            if name.startswith("teacher.") or (t.numel() and t.data_ptr() in frozen):
                 continue
             key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else (name,)
             if key in seen:  # tied weights: saved once
@@ -280,33 +308,39 @@ def latest_checkpoint(folder: str | Path) -> str | None:
         except ValueError:
             continue
     for _, d in sorted(cands, reverse=True):
-        if _complete(d):
+        why = _incomplete(d)
+        if why is None:
             return str(d)
+        log.warning("skipping %s: %s", d, why)
     return None
 
 
-def _complete(d: Path) -> bool:
-    """A checkpoint is complete when all its files are whole: the weights' safetensors header
-    reads and the file is exactly as long as the header says; the optimizer and scheduler
-    (zip archives written by ``torch.save``) end with their central directory; the trainer
-    state is valid JSON. A file cut short by a crash fails one of these."""
+def _incomplete(d: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or ``None`` when it is complete: all its files
+    are whole (the weights' safetensors header reads and the file is exactly as long as the header
+    says; the optimizer and scheduler, zip archives written by ``torch.save``, end with their
+    central directory; the trainer state is valid JSON) and readable. A file cut short by a crash
+    fails one of these; so does a file this process may not read, and the reason says which."""
     needed = ("trainer_state.json", WEIGHTS, "optimizer.pt", "scheduler.pt")
-    if not all((d / f).is_file() for f in needed):
-        return False
+    absent = [f for f in needed if not (d / f).is_file()]
+    if absent:
+        return f"incomplete (no {', '.join(absent)})"
     try:
         with open(d / WEIGHTS, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             header = json.loads(fh.read(n))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
         if (d / WEIGHTS).stat().st_size != 8 + n + end:
-            return False
+            return f"{WEIGHTS} is cut short (a crash while writing)"
         for f in ("optimizer.pt", "scheduler.pt"):
             with zipfile.ZipFile(d / f) as z:
                 z.namelist()
         json.loads((d / "trainer_state.json").read_text())
-    except Exception:  # noqa: BLE001 - any read failure means a truncated checkpoint
-        return False
-    return True
+    except OSError as exc:  # permissions, I/O errors: not a truncation, and the user should know
+        return f"unreadable ({exc.strerror or exc}: {exc.filename or ''})"
+    except (struct.error, ValueError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+        return f"cut short or corrupt ({type(exc).__name__}: {exc})"
+    return None
 
 
 def train_and_measure(trainer: Trainer, ckpt_dir: str | Path) -> dict | None:

@@ -30,6 +30,14 @@ def sentences_hash(sentences: list[str]) -> str:
     return h.hexdigest()
 
 
+def code_hash(*modules) -> str:
+    """sha256 of the source files of ``modules``: a cached score goes stale with the code that computed it."""
+    h = hashlib.sha256()
+    for mod in modules:
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()
+
+
 def cache_key(teacher: str, teacher_fingerprint: str, sentences: list[str], pooling: str,
               max_length: int, normalize: bool = True) -> dict[str, str]:
     """The fields a cache must match."""

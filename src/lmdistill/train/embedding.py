@@ -32,13 +32,31 @@ from lmdistill.train.base import DistillTrainer, train_and_measure, training_arg
 log = logging.getLogger("lmdistill")
 
 
+POOLINGS = ("mean", "cls", "max", "lasttoken")
+
+
 def pooling_mode(st_model) -> str:
-    """The pooling of a SentenceTransformer: mean, cls, max or lasttoken."""
+    """The pooling of a SentenceTransformer, as its Pooling module says: mean, cls, max or lasttoken.
+
+    A model without a Pooling module, or one that concatenates several poolings, is refused:
+    training one pooling and evaluating another would be silently wrong."""
     for module in st_model:
         mode = getattr(module, "pooling_mode", None)
-        if isinstance(mode, str):
-            return {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(mode, mode)
-    return "mean"
+        if mode is None:
+            continue
+        if isinstance(mode, (tuple, list)):
+            if len(mode) != 1:
+                raise LmdistillError(
+                    f"the student pools with several modes at once ({', '.join(map(str, mode))}): "
+                    "give a student with one pooling mode (mean, cls, max or lasttoken)"
+                )
+            mode = mode[0]
+        mode = {"mean_tokens": "mean", "cls_token": "cls", "max_tokens": "max"}.get(str(mode), str(mode))
+        if mode not in POOLINGS:
+            raise LmdistillError(f"the student's pooling {mode!r} is not supported: use one of {', '.join(POOLINGS)}")
+        return mode
+    raise LmdistillError("the student has no Pooling module: give a sentence-transformers model with one "
+                         "(mean, cls, max or lasttoken pooling)")
 
 
 class EmbeddingDistillModel(nn.Module):
@@ -129,13 +147,17 @@ def _pooling_from_folder(folder: str) -> str:
 
 
 def teacher_scores(cfg: Config, evals: dict[str, Path], progress: bool = True) -> dict[str, dict]:
-    """The teacher's STS scores, cached per (teacher, file)."""
+    """The teacher's STS scores, cached per (teacher, file, evaluation code)."""
+    import lmdistill.data.readers as readers_mod
+    import lmdistill.eval.sts as sts_mod
+
     root = models.cache_root(cfg.cache_dir) / "teacher_scores"
     root.mkdir(parents=True, exist_ok=True)
     fp = models.fingerprint(cfg.teacher, cfg.cache_dir)
+    code = tcache.code_hash(sts_mod, readers_mod)[:12]
     out, todo = {}, {}
     for name, path in evals.items():
-        f = root / f"{fp}-{tcache.sentences_hash([Path(path).read_text(encoding='utf-8')])[:16]}.json"
+        f = root / f"{fp}-{tcache.sentences_hash([Path(path).read_text(encoding='utf-8')])[:16]}-{code}.json"
         if f.exists():
             out[name] = json.loads(f.read_text())
         else:
@@ -162,6 +184,8 @@ def build_student_and_method(cfg: Config, d_teacher: int):
     student = models.load_sentence_model(cfg.student, cfg.student_layers, cfg.cache_dir,
                                          trust_remote_code=cfg.trust_remote_code)
     student.max_seq_length = cfg.data.max_length
+    if cfg.train.gradient_checkpointing:
+        models.enable_gradient_checkpointing(student[0].auto_model)
     method_cls = get_method(cfg.method, "embedding")
     opts = build_options(method_cls.Options, cfg.method_args,
                          cfg.method)

@@ -211,6 +211,8 @@ def load_student_lm(cfg: Config):
     student = models.load_causal_lm(cfg.student, cfg.cache_dir, cfg.trust_remote_code)
     if cfg.student_layers:
         models.reduce_causal_layers(student, list(cfg.student_layers))
+    if cfg.train.gradient_checkpointing:
+        models.enable_gradient_checkpointing(student)
     return student
 
 
@@ -266,7 +268,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         raise LmdistillError("data.train is empty: give the instruction JSONL file to train on")
     rows = []
     for src in cfg.data.train:
-        rows += read_instructions(resolve_data_path(src, cfg), cfg.data.max_examples)
+        rows += read_instructions(resolve_data_path(src, cfg))
+    rows = rows[:cfg.data.max_examples] if cfg.data.max_examples else rows
     evals = {name: resolve_data_path(p, cfg) for name, p in cfg.data.eval.items()}
     student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
     out_dir = Path(cfg.output_dir)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmdistill.errors import LmdistillError
+
 
 @dataclass
 class NoOptions:
@@ -47,7 +49,7 @@ def projector(d_in: int, d_out: int, init: str = "xavier", std: float = 1e-3) ->
     elif init == "xavier":
         nn.init.xavier_uniform_(lin.weight)
     else:
-        raise ValueError(f"unknown projector init {init!r}: use xavier, normal or orthogonal")
+        raise LmdistillError(f"unknown projector init {init!r}: use xavier, normal or orthogonal")
     return lin
 
 
@@ -74,4 +76,4 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "lasttoken":
         last = mask.long().sum(1) - 1
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
-    raise ValueError(f"unknown pooling {mode!r}: use mean, cls, max or lasttoken")
+    raise LmdistillError(f"unknown pooling {mode!r}: use mean, cls, max or lasttoken")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from lmdistill.errors import LmdistillError
 from lmdistill.methods.embedding.base import EmbeddingMethod, cosine_distance, projector
 from lmdistill.registry import register
 
@@ -35,7 +36,7 @@ class EmbedKD(EmbeddingMethod):
     def __init__(self, opts: EmbedKDOptions, d_student: int, d_teacher: int, n_layers: int) -> None:
         super().__init__(opts, d_student, d_teacher, n_layers)
         if opts.loss not in ("mse", "cosine"):
-            raise ValueError(f"embed_kd loss must be mse or cosine, got {opts.loss!r}")
+            raise LmdistillError(f"embed_kd loss must be mse or cosine, got {opts.loss!r}")
         self.proj = None
         if d_student != d_teacher or opts.loss == "cosine":
             self.proj = projector(d_student, d_teacher, opts.projector_init)

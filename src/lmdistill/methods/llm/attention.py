@@ -18,6 +18,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from lmdistill.errors import LmdistillError
 from lmdistill.models import base_model, decoder_layers
 
 try:
@@ -81,7 +82,8 @@ def _attention_module(block) -> torch.nn.Module:
     for attr in ("self_attn", "attn", "attention"):
         if hasattr(block, attr):
             return getattr(block, attr)
-    raise ValueError(f"cannot find the attention module of {type(block).__name__}")
+    raise LmdistillError(f"cannot find the attention module of {type(block).__name__}: SRA captures attention "
+                         "rows of Llama/GPT-2-like blocks; set method_args.weighting=uniform to need none")
 
 
 class RowCapture:
