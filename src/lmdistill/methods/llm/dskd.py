@@ -40,6 +40,22 @@ class DSKDOptions:
     tau: float = 2.0
 
 
+def cross_model_attention(q: torch.Tensor, k: torch.Tensor, example_q: torch.Tensor, example_k: torch.Tensor):
+    """``softmax(q k^T / sqrt(d))`` over the key positions of the query's own example only;
+    returns the attention ``[Nq, Nk]`` and the masked scores (``-inf`` across examples)."""
+    scores = q @ k.T / math.sqrt(q.size(-1))
+    same = example_q.unsqueeze(1) == example_k.unsqueeze(0)
+    scores = scores.masked_fill(~same, float("-inf"))
+    return scores.softmax(-1).nan_to_num(0.0), scores
+
+
+def gated_kl(z_t2s: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, tau: float):
+    """``sum_pos KL(sg(p_t2s) || p_S) 1[argmax p_t2s = y] / N``: the projected teacher teaches only
+    where it predicts the right token. Returns the term and the gate ``[N]``."""
+    right = (z_t2s.argmax(-1) == target).float()
+    return (kl_div(z_t2s.detach(), z_s, tau) * right).sum() / max(len(right), 1), right
+
+
 @register("dskd", kind="lm")
 class DSKD(LMMethod):
     """Dual-space KD with cross-model attention."""
@@ -73,16 +89,12 @@ class DSKD(LMMethod):
             t_h = t_h / t_h.std().clamp_min(1e-6)
         q = self.query(torch.cat([s_in, s_tg], -1))  # [Ns, 2 d_T]
         k = torch.cat([t_in, t_tg], -1)  # [Nt, 2 d_T]
-        scores = q @ k.T / math.sqrt(2 * self.d_t)
-        same = s.resp.b.unsqueeze(1) == t.resp.b.unsqueeze(0)  # attend within the example only
-        scores = scores.masked_fill(~same, float("-inf"))
-        a = scores.softmax(-1).nan_to_num(0.0)  # [Ns, Nt]
+        a, scores = cross_model_attention(q, k, s.resp.b, t.resp.b)
         h_t2s = a @ self.t2s(t_h + t_tg)  # [Ns, d_S]
         w_s = heads["student_head_weight"].detach()
         z_t2s = h_t2s @ w_s.T  # [Ns, V_S]
         ce_t2s = F.cross_entropy(z_t2s.float(), s.resp.target)
-        right = (z_t2s.argmax(-1) == s.resp.target).float()
-        kd_s = (kl_div(z_t2s.detach(), s.logits, o.tau) * right).sum() / max(len(right), 1)
+        kd_s, right = gated_kl(z_t2s, s.logits, s.resp.target, o.tau)
         a_rev = scores.T.softmax(-1).nan_to_num(0.0)  # [Nt, Ns]
         h_s2t = a_rev @ self.s2t(s.hidden[max(s.hidden)][s.resp.b, s.resp.t].float())  # [Nt, d_T]
         z_s2t = heads["teacher_logits"](h_s2t, None, detach_weight=True)
