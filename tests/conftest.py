@@ -84,3 +84,15 @@ def instructions_file(tmp_path_factory):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def same_rows_file(tmp_path_factory):
+    """Identical instruction rows: every micro-batch and every process sees the same token counts,
+    so token-averaged CE is layout-invariant and LM runs can be compared exactly across layouts."""
+    import json
+
+    row = {"prompt": "### Instruction:\nName two colours.\n\n### Response:\n", "output": "Blue and red, 1, 2."}
+    path = tmp_path_factory.mktemp("data") / "same.jsonl"
+    path.write_text((json.dumps(row) + "\n") * 12)
+    return path

@@ -71,3 +71,20 @@ def test_errors_are_one_line_and_nonzero(tmp_path, sentences_file):
         assert r.returncode == 2, (args, r.stderr)
         err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
         assert len(err) == 1 and message in err[0], r.stderr
+
+
+def test_demo_code_path_on_tiny_models(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path, capsys):
+    """`make demo` runs run_demo(): the same code on tiny models, 4 steps, its table printed."""
+    from lmdistill.demo import demo_config, run_demo
+
+    cfg = demo_config(str(tmp_path))
+    assert cfg.method == "talas" and cfg.student_layers == [0, 2, 4] and cfg.teacher == "pkg:all-mpnet-base-v2"
+    m = run_demo(str(tmp_path), [f"teacher={tiny_st}", f"student={tiny_st_student}", "student_layers=[0,2]",
+                                 f"data.train=[{sentences_file}]", f"data.eval={{stsb_test: {sts_file}}}",
+                                 "data.max_examples=null", "train.max_steps=4", "train.epochs=1", "train.save_steps=0"])
+    out = capsys.readouterr().out
+    assert m["steps"] == 4 and (tmp_path / "student" / "modules.json").exists()
+    for label in ("teacher", "student before", "student after", "gain"):
+        assert label in out
+    after = m["after"]["stsb_test"]["spearman"]
+    assert f"{after:.2f}" in out and f"student saved to {m['student_dir']}" in out

@@ -50,11 +50,57 @@ def test_two_processes_match_one_with_the_global_batch(tiny_st, tiny_st_student,
     assert (tmp_path / "two" / "checkpoints" / "checkpoint-2" / "rng_state_1.pth").exists()
 
 
-def test_sra_runs_on_two_processes(gpt2_lm, llama_lm, instructions_file, tmp_path):
+def test_sra_on_two_processes_matches_one(llama_lm, gpt2_lm, same_rows_file, tmp_path):
+    """SRA, 2 processes x batch 1 against 1 process x batch 2 (identical rows, so token-averaged
+    CE is the same either way; a Llama student without dropout): the same losses, every term."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    _run([*TORCHRUN, "-m", "lmdistill", "train", "configs/tiny/sra-tiny.yaml", f"student={gpt2_lm}",
-          f"teacher={llama_lm}", f"data.train=[{instructions_file}]", "train.batch_size=1", "train.max_steps=2",
-          f"output_dir={tmp_path}", "data.eval={}"], env)
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    losses = [h["loss"] for h in m["log_history"] if "loss" in h]
-    assert m["steps"] == 2 and all(x == x for x in losses)
+    common = ["train", "configs/tiny/sra-tiny.yaml", f"student={llama_lm}", f"teacher={gpt2_lm}",
+              f"data.train=[{same_rows_file}]", "train.max_steps=3", "data.eval={}"]
+    _run([sys.executable, "-m", "lmdistill", *common, "train.batch_size=2", f"output_dir={tmp_path / 'one'}"], env)
+    _run([*TORCHRUN, "-m", "lmdistill", *common, "train.batch_size=1", f"output_dir={tmp_path / 'two'}"], env)
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    h1 = [h for h in one["log_history"] if "loss" in h]
+    h2 = [h for h in two["log_history"] if "loss" in h]
+    assert len(h1) == len(h2) == 3
+    for a, b in zip(h1, h2):
+        for k in ("loss", "ce", "span", "geo", "logit"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), (k, a, b)
+
+
+NAN_ON_RANK_1 = """
+import os, sys
+import lmdistill.train.embedding as emb
+from lmdistill.config import load_config
+from lmdistill.methods.embedding.talas import Talas
+
+real, calls = Talas.forward, {"n": 0}
+
+
+def flaky(self, *a, **k):
+    out = real(self, *a, **k)
+    if self.training:
+        calls["n"] += 1
+        if os.environ["RANK"] == "1" and calls["n"] == 2:  # step 2, on one process only
+            out["loss"] = out["loss"] * float("nan")
+    return out
+
+
+Talas.forward = flaky
+emb.run_embedding(load_config(sys.argv[1], sys.argv[2:]), progress=False)
+"""
+
+
+def test_nonfinite_loss_on_one_process_skips_the_step_on_all(tiny_st, tiny_st_student, sentences_file, tmp_path):
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([*TORCHRUN, str(script), "configs/tiny/talas-tiny.yaml", f"teacher={tiny_st}",
+                        f"student={tiny_st_student}", f"data.train=[{sentences_file}]", "train.max_steps=4",
+                        "train.batch_size=4", "train.optimizer=adamw", "method_args.w_task=0.0", "eval.before=false",
+                        "eval.teacher=false", f"output_dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)  # a hang would time out
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())  # written by rank 0, which saw no NaN
+    assert m["steps"] == 4 and m["nonfinite_steps"] == 1
+    assert torch.isfinite(_params(tmp_path / "run" / "student")).all()

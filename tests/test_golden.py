@@ -67,16 +67,6 @@ def _check(key: str, terms: list[dict]) -> None:
             assert got[k] == pytest.approx(exp[k], rel=2e-3, abs=1e-5), (key, k, got[k], exp[k])
 
 
-@pytest.fixture(scope="module")
-def same_rows_file(tmp_path_factory):
-    """Identical rows: every micro-batch has the same token counts, so token-averaged CE is
-    layout-invariant too and the LM methods' accumulation can be checked exactly."""
-    row = {"prompt": "### Instruction:\nName two colours.\n\n### Response:\n", "output": "Blue and red, 1, 2."}
-    path = tmp_path_factory.mktemp("golden") / "same.jsonl"
-    path.write_text((json.dumps(row) + "\n") * 12)
-    return path
-
-
 @pytest.mark.parametrize("name", list(EMBEDDING))
 def test_embedding_golden_losses(name, tiny_st, tiny_st_student, sentences_file, tmp_path):
     from lmdistill.train.embedding import run_embedding

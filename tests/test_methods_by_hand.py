@@ -98,8 +98,9 @@ def test_dskd_kl_is_gated_by_the_projected_argmax():
 
 def test_sra_options_uniform_weights_orthogonal_projectors_layer_pairs(gpt2_lm, llama_lm, instructions_file,
                                                                         monkeypatch):
-    import lmdistill.methods.llm.sra as sra
     from test_lm_methods import _setup
+
+    import lmdistill.methods.llm.sra as sra
 
     seen = []
     real = sra.weighted_cosine_loss

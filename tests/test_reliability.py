@@ -169,3 +169,31 @@ def test_same_seed_same_losses(tiny_st, tiny_st_student, sentences_file, tmp_pat
 def test_trust_remote_code_is_off_by_default():
     cfg = load_config(None, [])
     assert cfg.trust_remote_code is False
+
+
+def test_lm_kill_and_resume_matches_an_uninterrupted_run(llama_lm, gpt2_lm, instructions_file, tmp_path, monkeypatch):
+    """SRA: killed right after the checkpoint of step 2, the same command resumes there and ends
+    with the parameters of a run that was never interrupted."""
+    from transformers import AutoModelForCausalLM
+
+    import lmdistill.train.lm as lmrun
+
+    def cfg(out):
+        return load_config(ROOT / "configs/tiny/sra-tiny.yaml", [
+            f"student={llama_lm}", f"teacher={gpt2_lm}", f"data.train=[{instructions_file}]", f"output_dir={out}",
+            "data.eval={}", "train.max_steps=4", "train.save_steps=2", "train.batch_size=2"])
+
+    full = lmrun.run_lm(cfg(tmp_path / "full"), progress=False)
+    assert full["resumed_from"] is None
+    with monkeypatch.context() as m:
+        m.setattr(lmrun, "DistillTrainer", _killing_trainer(2))
+        with pytest.raises(_Kill):
+            lmrun.run_lm(cfg(tmp_path / "cut"), progress=False)
+    resumed = lmrun.run_lm(cfg(tmp_path / "cut"), progress=False)
+    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+
+    def params(folder):
+        return torch.cat([p.detach().flatten() for p in AutoModelForCausalLM.from_pretrained(folder).parameters()])
+
+    assert torch.allclose(params(tmp_path / "full" / "student"), params(tmp_path / "cut" / "student"),
+                          rtol=1e-5, atol=1e-6)

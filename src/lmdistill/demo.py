@@ -20,29 +20,31 @@ HUB_DATA = {
 }
 
 
-def demo_config(output_dir: str):
-    """The demo's config: the repository's recipe, with hub data when no local data folder exists."""
+def demo_config(output_dir: str, extra: list[str] | tuple[str, ...] = ()):
+    """The demo's config: the repository's recipe, with hub data when no local data folder exists
+    (``extra``: further ``key=value`` overrides, applied last; the tests run the demo on tiny models)."""
     overrides = [f"output_dir={output_dir}"]
-    cfg = load_config(REPO_CONFIG if REPO_CONFIG.exists() else None, overrides)
-    if not REPO_CONFIG.exists():  # installed without the repository: the same recipe
-        cfg = load_config(None, overrides + [
+    if REPO_CONFIG.exists():
+        cfg = load_config(REPO_CONFIG, overrides + list(extra))
+    else:  # installed without the repository: the same recipe
+        cfg = load_config(None, [
             "task=embedding", "method=talas", "teacher=pkg:all-mpnet-base-v2", "student=pkg:all-minilm-l6-v2",
             "student_layers=[0,2,4]", "data.max_examples=8000", "data.max_length=64", "train.epochs=3",
             "train.batch_size=32", "train.lr=3e-4", "train.projector_lr=3e-3", "train.save_steps=50",
             "data.train=[ud_ewt_text/en_ewt-train.txt,stsb/stsb-en-train.csv,sick/SICK_train.txt]",
             "data.eval={stsb_test: stsb/stsb-en-test.csv, sickr_test: sick/SICK_test_annotated.txt}",
-        ])
-    if data_dir(cfg) is None:
+        ] + overrides + list(extra))
+    if data_dir(cfg) is None and not any(e.startswith("data.") for e in extra):
         cfg.data.train = list(HUB_DATA["train"])
         cfg.data.eval = dict(HUB_DATA["eval"])
     return cfg
 
 
-def run_demo(output_dir: str = "runs/demo") -> dict:
+def run_demo(output_dir: str = "runs/demo", extra: list[str] | tuple[str, ...] = ()) -> dict:
     """Run the demo and print its result table."""
     from lmdistill.train.embedding import run_embedding
 
-    cfg = demo_config(output_dir)
+    cfg = demo_config(output_dir, extra)
     print(f"lmdistill demo: TALAS, teacher {cfg.teacher} -> student {cfg.student} layers {cfg.student_layers}")
     print(f"  {cfg.data.max_examples} training sentences, {cfg.train.epochs:g} epoch(s), batch {cfg.train.batch_size}, "
           f"max length {cfg.data.max_length}, optimizer {cfg.train.optimizer}")
