@@ -87,6 +87,9 @@ def test_span_logit_kl_by_hand():
 def test_default_layer_pairs():
     assert default_layer_pairs(30, 18, 2) == [(29, 17), (30, 18)]
     assert default_layer_pairs(2, 4, 2) == [(1, 2), (2, 4)]
+    # the authors' scripts: three pairs two layers apart, ending at the final layers
+    assert default_layer_pairs(22, 32, 3, stride=2) == [(18, 28), (20, 30), (22, 32)]
+    assert default_layer_pairs(15, 18, 3, stride=2) == [(11, 14), (13, 16), (15, 18)]
 
 
 @pytest.mark.parametrize("mode", ["last_token", "received"])

@@ -47,6 +47,15 @@ EMBEDDING_VARIANTS = [
     Variant("talas: K=3", ["method=talas", "method_args.k=3"], group="ablation"),
 ]
 
+# SRA as the authors' scripts run it (sonho4ng/SRAv4, mistral_tinyllama.sh): LoRA r 32, alpha 64,
+# dropout 0.1 on q/k/v; lr 1e-3; three layer pairs two layers apart ending at the final layers;
+# the hard-label weight 0.5. configs/sra-authors-gemma270m-to-smollm2.yaml is the same regime.
+SRA_AUTHORS = {
+    "lora": "{r: 32, lora_alpha: 64, lora_dropout: 0.1, target_modules: [q_proj, k_proj, v_proj]}",
+    "lr": "1e-3",
+    "method_args": {"n_pairs": 3, "pair_stride": 2, "alpha": 0.5},
+}
+
 LM_VARIANTS = [
     Variant("teacher (fine-tuned)", kind="teacher", group="reference"),
     Variant("student (undistilled)", kind="student", group="reference"),
@@ -61,6 +70,9 @@ LM_VARIANTS = [
     Variant("sra: no geometric term", ["method=sra", "method_args.lambda_geo=0.0"], group="ablation"),
     Variant("sra: no span logit term", ["method=sra", "method_args.w_logit=0.0"], group="ablation"),
     Variant("sra: span logit KL averaged over spans", ["method=sra", "method_args.logit_reduction=mean"],
+            group="ablation"),
+    Variant("sra: authors' regime", ["method=sra", *[f"method_args.{k}={v}" for k, v in SRA_AUTHORS["method_args"].items()],
+                                     f"train.lora={SRA_AUTHORS['lora']}", f"train.lr={SRA_AUTHORS['lr']}"],
             group="ablation"),
 ]
 

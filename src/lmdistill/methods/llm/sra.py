@@ -43,6 +43,7 @@ class SRAOptions:
     span_weighting: str = "attention"  # attention | uniform
     layer_pairs: list | None = None  # [[student_layer, teacher_layer], ...]; None = proportional
     n_pairs: int = 2  # the top n student layers, teacher layers placed proportionally
+    pair_stride: int | None = None  # int s: both sides' layers s apart, ending at the final layers (authors: 2)
     projector_init: str = "xavier"  # xavier | orthogonal
     velocity: bool = False
     w_velocity: float = 1.0
@@ -55,8 +56,12 @@ class SRAOptions:
 MASS_EVERY = 25  # forward passes between two measurements of the teacher's mass in the shared vocabulary
 
 
-def default_layer_pairs(n_student: int, n_teacher: int, n_pairs: int) -> list[tuple[int, int]]:
-    """The top ``n_pairs`` student layers, each with the teacher layer at the same relative depth."""
+def default_layer_pairs(n_student: int, n_teacher: int, n_pairs: int, stride: int | None = None) -> list[tuple[int, int]]:
+    """The top ``n_pairs`` student layers, each with the teacher layer at the same relative depth;
+    with ``stride``, layers ``stride`` apart on both sides, ending at both final layers (the
+    authors' scripts: three pairs, stride 2)."""
+    if stride:
+        return [(n_student - stride * k, n_teacher - stride * k) for k in range(n_pairs - 1, -1, -1)]
     pairs = []
     for l_s in range(n_student - n_pairs + 1, n_student + 1):
         pairs.append((l_s, max(1, min(n_teacher, round(l_s * n_teacher / n_student)))))
@@ -145,7 +150,8 @@ class SRA(LMMethod):
             if val not in allowed:
                 raise LmdistillError(f"sra {name}={val!r} is not one of {', '.join(allowed)}")
         ns, nt = num_layers(student), num_layers(teacher)
-        pairs = [tuple(p) for p in opts.layer_pairs] if opts.layer_pairs else default_layer_pairs(ns, nt, opts.n_pairs)
+        pairs = ([tuple(p) for p in opts.layer_pairs] if opts.layer_pairs
+                 else default_layer_pairs(ns, nt, opts.n_pairs, opts.pair_stride))
         for ls, lt in pairs:
             if not (1 <= ls <= ns and 1 <= lt <= nt):
                 raise LmdistillError(
