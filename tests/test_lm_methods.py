@@ -235,3 +235,15 @@ def test_lm_student_reduced_to_a_subset_of_its_blocks(llama_lm, tmp_path):
     for bad in ([], [0, 4], [1, 1]):
         with pytest.raises(LmdistillError, match="student_layers"):
             models.reduce_causal_layers(AutoModelForCausalLM.from_config(cfg), bad)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_a_long_prompt_is_cut_so_that_a_short_response_keeps_its_eos(which, gpt2_lm, llama_lm):
+    tok = models.load_tokenizer(str(gpt2_lm if which == "gpt2" else llama_lm))
+    prompt = "### Instruction:\n" + " ".join(["Describe the colours of the sky."] * 12) + "\n\n### Response:\n"
+    response = "Blue."
+    ids, labels, _, keep = encode_batch(tok, [prompt], [response], 32)[0]
+    assert len(ids) <= 32
+    kept = [x for x in labels if x != -100]
+    assert kept[-1] == tok.eos_token_id and tok.decode(kept[:-1]).strip() == "Blue."  # whole, with its EOS
+    assert "Response:" in tok.decode(ids) and int(keep.sum()) - len(kept) + 1 > 16  # the prompt keeps the room left

@@ -60,16 +60,19 @@ def encode_batch(tokenizer, prompts: list[str], responses: list[str], max_length
         n_prompt = int((~resp[lo:hi]).sum()) if len(real) else 0  # text tokens before the response
         n_resp = hi - lo - n_prompt
         appends_eos = eos is not None and eos not in ids[hi:].tolist()
-        whole = len(ids) + int(appends_eos) <= max_length
-        if whole:
-            head, body, tail = np.arange(lo), np.arange(lo, hi), np.arange(hi, len(ids))
-        else:  # cut: the prompt's end and the response's start, no tokens after the text
-            room = max(max_length - lo, 1)
+        after = 1 if appends_eos else len(ids) - hi  # tokens after the text: the EOS (and other end specials)
+        room = max_length - lo
+        if len(ids) + int(appends_eos) <= max_length:  # fits as it is
+            keep_prompt, keep_resp, whole = n_prompt, n_resp, True
+        elif n_resp + after + min(n_prompt, prompt_cap) <= room:  # the response fits once the prompt is cut
+            keep_resp, whole = n_resp, True
+            keep_prompt = min(n_prompt, room - n_resp - after)
+        else:  # the response is cut: the prompt keeps at most its cap, nothing after the text
             keep_resp = min(n_resp, max(room - min(n_prompt, prompt_cap), 0))
-            keep_prompt = min(n_prompt, room - keep_resp)
-            head = np.arange(lo)
-            body = np.arange(lo + n_prompt - keep_prompt, lo + n_prompt + keep_resp)
-            tail = np.arange(0)
+            keep_prompt, whole = min(n_prompt, room - keep_resp), False
+        head = np.arange(lo)
+        body = np.arange(lo + n_prompt - keep_prompt, lo + n_prompt + keep_resp)
+        tail = np.arange(hi, len(ids)) if whole else np.arange(0)
         sel = np.concatenate([head, body, tail]).astype(np.int64)
         ids, offsets, keep, resp = ids[sel], offsets[sel], keep[sel], resp[sel]
         labels = np.where(resp, ids, -100)
