@@ -22,7 +22,7 @@ import torch
 
 from lmdistill.config import load_config, resolve_data_path
 
-LM_METHODS = ["sft", "sra", "uld", "mined", "dskd", "multilevel_ot"]
+LM_METHODS = ["sft", "sft+gc", "sra", "uld", "mined", "dskd", "multilevel_ot"]
 EMB_METHODS = ["talas", "embed_kd", "all_layer", "rkd", "stella"]
 PRESETS = {
     "cpu": {
@@ -95,9 +95,14 @@ def config_path(name: str) -> str:
 PRESETS_CFG = {k: config_path(v["config"]) for k, v in PRESETS["cpu"].items()}
 
 
+GC = "+gc"  # a method name with this suffix runs with train.gradient_checkpointing=true (e.g. sft+gc)
+
+
 def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str]) -> dict:
     from lmdistill.optim import ASAM
 
+    if method.endswith(GC):
+        method, overrides = method[: -len(GC)], list(overrides) + ["train.gradient_checkpointing=true"]
     build = _lm_step_fn if pair == "lm" else _emb_step_fn
     wrapper, batch, cfg = build(overrides, method, floor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,7 +135,11 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"s_per_step": round(sum(times) / len(times), 4), "peak_mb": round(peak, 1),
+    import statistics
+
+    return {"s_per_step": round(statistics.mean(times), 4),
+            "s_per_step_sd": round(statistics.stdev(times), 4) if len(times) > 1 else None,
+            "s_min": round(min(times), 4), "s_max": round(max(times), 4), "peak_mb": round(peak, 1),
             "optimizer": opt_name, "batch": int(batch[next(iter(batch))].shape[0])}
 
 
@@ -164,7 +173,7 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
 
     methods = methods or (LM_METHODS if pair == "lm" else EMB_METHODS)
     for m in methods:
-        get_method(m, "lm" if pair == "lm" else "embedding")
+        get_method(m.removesuffix(GC), "lm" if pair == "lm" else "embedding")
     p = PRESETS[preset][pair]
     ov = [f"train.batch_size={p['batch']}", f"data.max_length={p['max_length']}"] + list(overrides or [])
     floor = _run_isolated(pair, "floor", True, steps, ov)
