@@ -57,3 +57,26 @@ def test_empty_instruction_data_is_refused(tmp_path, gpt2_lm, llama_lm):
 def test_missing_teacher_folder_names_the_fix(tmp_path):
     with pytest.raises(LmdistillError, match="run that first"):
         lm_models.resolve("runs/sft-model/student")
+
+
+def test_gguf_conversion_fails_on_missing_weights(tmp_path, monkeypatch):
+    """A GGUF file whose tensors do not cover the architecture must not leave random weights."""
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+
+    class Partial(LlamaForCausalLM):
+        def state_dict(self, *a, **k):
+            sd = super().state_dict(*a, **k)
+            sd.pop("model.layers.0.mlp.down_proj.weight")
+            return sd
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Partial(cfg))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    with pytest.raises(LmdistillError, match="lacks 1 weights.*down_proj"):
+        lm_models._gguf_to_folder(gguf, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
