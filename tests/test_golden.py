@@ -67,36 +67,37 @@ def _check(key: str, terms: list[dict]) -> None:
             assert got[k] == pytest.approx(exp[k], rel=2e-3, abs=1e-5), (key, k, got[k], exp[k])
 
 
+def _both_layouts(run, config: str, key: str, overrides, invariant: bool) -> None:
+    """Run ``config`` at both layouts, check each against its golden terms and, where the
+    method's loss is per example, the two layouts against each other."""
+    runs = {}
+    for b, a in LAYOUTS:
+        cfg = load_config(ROOT / config, [*overrides(b, a), "train.max_steps=3", f"train.batch_size={b}",
+                                          f"train.grad_accum={a}", "train.seed=7"])
+        runs[(b, a)] = _terms(run(cfg, progress=False))
+        _check(f"{key}/{b}x{a}", runs[(b, a)])
+    if invariant:
+        _same(runs)
+
+
 @pytest.mark.parametrize("name", list(EMBEDDING))
 def test_embedding_golden_losses(name, tiny_st, tiny_st_student, sentences_file, tmp_path):
     from lmdistill.train.embedding import run_embedding
 
-    runs = {}
-    for b, a in LAYOUTS:
-        cfg = load_config(ROOT / "configs/tiny/talas-tiny.yaml", [
-            f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]",
-            f"output_dir={tmp_path / f'{b}x{a}'}", "eval.before=false", "eval.teacher=false", "train.max_steps=3",
-            f"train.batch_size={b}", f"train.grad_accum={a}", "train.seed=7", *EMBEDDING[name]])
-        runs[(b, a)] = _terms(run_embedding(cfg, progress=False))
-        _check(f"embedding/{name}/{b}x{a}", runs[(b, a)])
-    if name not in IN_BATCH:
-        _same(runs)
+    _both_layouts(run_embedding, "configs/tiny/talas-tiny.yaml", f"embedding/{name}", lambda b, a: [
+        f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]",
+        f"output_dir={tmp_path / f'{b}x{a}'}", "eval.before=false", "eval.teacher=false", *EMBEDDING[name]],
+        invariant=name not in IN_BATCH)
 
 
 @pytest.mark.parametrize("name", list(LM))
 def test_lm_golden_losses(name, llama_lm, gpt2_lm, same_rows_file, tmp_path):
     from lmdistill.train.lm import run_lm
 
-    runs = {}
-    for b, a in LAYOUTS:
-        # the Llama student has no dropout, so both layouts draw the same computation
-        cfg = load_config(ROOT / "configs/tiny/sra-tiny.yaml", [
-            f"student={llama_lm}", f"teacher={gpt2_lm}", f"data.train=[{same_rows_file}]",
-            f"output_dir={tmp_path / f'{b}x{a}'}", "data.eval={}", "train.max_steps=3", f"train.batch_size={b}",
-            f"train.grad_accum={a}", "train.seed=7", *LM[name]])
-        runs[(b, a)] = _terms(run_lm(cfg, progress=False))
-        _check(f"lm/{name}/{b}x{a}", runs[(b, a)])
-    _same(runs)
+    # the Llama student has no dropout, so both layouts draw the same computation
+    _both_layouts(run_lm, "configs/tiny/sra-tiny.yaml", f"lm/{name}", lambda b, a: [
+        f"student={llama_lm}", f"teacher={gpt2_lm}", f"data.train=[{same_rows_file}]",
+        f"output_dir={tmp_path / f'{b}x{a}'}", "data.eval={}", *LM[name]], invariant=True)
 
 
 def _same(runs: dict) -> None:

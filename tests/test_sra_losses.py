@@ -92,8 +92,10 @@ def test_default_layer_pairs():
     assert default_layer_pairs(15, 18, 3, stride=2) == [(11, 14), (13, 16), (15, 18)]
 
 
-@pytest.mark.parametrize("mode", ["last_token", "received"])
-def test_captured_rows_match_eager_attention(mode):
+@pytest.mark.parametrize("mode, query", [("last_token", None), ("received", None), ("last_token", [5, 3])])
+def test_captured_rows_match_eager_attention(mode, query):
+    """The captured rows equal eager attention's: the last real token's row, every query's
+    (``received``), or the row of a query given per row (SRA's last *text* token, not the EOS)."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2)
@@ -102,38 +104,21 @@ def test_captured_rows_match_eager_attention(mode):
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, 5:] = 0
     cap = RowCapture(model, [1, 3], mode)
-    cap.prepare(mask)
+    cap.prepare(mask, None if query is None else torch.tensor(query))
     out = model(input_ids=ids, attention_mask=mask)
     rows = cap.rows()
     eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     eager.load_state_dict(model.state_dict())
     ref = eager(input_ids=ids, attention_mask=mask, output_attentions=True)
     assert torch.allclose(out.logits, ref.logits, atol=1e-5)  # the model's own output is unchanged
+    q0, q1 = query or (6, 4)
     for layer in (1, 3):
         A = ref.attentions[layer - 1]  # [B, H, T, T]
         if mode == "last_token":
-            expect = torch.stack([A[0, :, 6].sum(0), A[1, :, 4].sum(0)])
+            expect = torch.stack([A[0, :, q0].sum(0), A[1, :, q1].sum(0)])
         else:
             expect = torch.stack([A[0].sum((0, 1)), A[1, :, :5].sum((0, 1))])
         assert torch.allclose(rows[layer], expect, atol=1e-5)
+        if query is not None:  # nothing after the query
+            assert float(rows[layer][0, q0 + 1:].abs().sum()) == 0.0 and float(rows[layer][1, q1 + 1:].sum()) == 0.0
     assert 2 not in rows  # only the mapped layers
-
-
-def test_captured_row_at_a_chosen_query_matches_eager_attention():
-    """The row of the last *text* token (the query given per row), not of the appended EOS."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    ids = torch.randint(0, 100, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    cap = RowCapture(model, [2], "last_token")
-    cap.prepare(mask, torch.tensor([5, 3]))
-    model(input_ids=ids, attention_mask=mask)
-    row = cap.rows()[2]
-    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
-    eager.load_state_dict(model.state_dict())
-    A = eager(input_ids=ids, attention_mask=mask, output_attentions=True).attentions[1]
-    assert torch.allclose(row, torch.stack([A[0, :, 5].sum(0), A[1, :, 3].sum(0)]), atol=1e-5)
-    assert float(row[0, 6]) == 0.0 and float(row[1, 4]) == 0.0  # nothing after the query
