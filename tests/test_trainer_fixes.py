@@ -204,3 +204,50 @@ def test_user_errors_are_one_line_through_the_cli(tiny_st, tiny_st_student, sent
         assert r.returncode == 2, r.stderr[-2000:]
         last = [line for line in r.stderr.splitlines() if line.strip()][-1]
         assert last.startswith("error:") and match in last and "Traceback" not in r.stderr
+
+
+def test_asam_interval_two_equals_a_hand_driven_reference(tiny_st, tiny_st_student, sentences_file, tmp_path,
+                                                          monkeypatch):
+    """4 steps of batch 4 x accumulation 2 with train.asam_interval=2 through the trainer end with
+    the parameters of the same steps driven by hand: plain steps at 1 and 3, perturbed steps at
+    2 and 4 whose closure re-runs exactly that step's two micro-batches."""
+    from sentence_transformers import SentenceTransformer
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import set_seed
+
+    seen: dict = {}
+
+    class Keeping(DistillTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if not self._in_closure:
+                seen.setdefault(self.state.global_step, []).append(inputs)
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    cfg = _emb_cfg(tiny_st, tiny_st_student, sentences_file, tmp_path / "run", "train.max_steps=4",
+                   "train.batch_size=4", "train.grad_accum=2", "train.asam_interval=2", "train.optimizer=asam",
+                   "train.rho=0.5", "method_args={w_task: 0.0}")
+    with monkeypatch.context() as m:
+        m.setattr(emb, "DistillTrainer", Keeping)
+        emb.run_embedding(cfg, progress=False)
+    assert sorted(seen) == [0, 1, 2, 3] and all(len(v) == 2 for v in seen.values())
+
+    set_seed(cfg.train.seed)
+    student, method = emb.build_student_and_method(cfg, 48)
+    wrapper = emb.EmbeddingDistillModel(student, method, emb.pooling_mode(student))
+    wrapper.train()
+    opt = DistillTrainer(model=wrapper, args=emb.training_arguments(cfg.train, tmp_path / "ref"),
+                         train_config=cfg.train).create_optimizer()
+    sched = LambdaLR(opt.base, lambda t: 1 - t / 4)  # linear decay, no warm-up (the tiny config)
+    for step in range(4):
+        def run_micro(batches=seen[step]):
+            for b in batches:
+                (wrapper(**b)["loss"] / 2).backward()
+        opt.zero_grad()
+        run_micro()
+        opt.step(run_micro)
+        sched.step()
+    assert opt.sam_steps == 4
+    ref = torch.cat([p.detach().flatten() for p in student.parameters()])
+    got = torch.cat([p.detach().flatten() for p in SentenceTransformer(str(tmp_path / "run" / "student"),
+                                                                        device="cpu").parameters()])
+    assert torch.allclose(ref, got, rtol=1e-5, atol=1e-6), float((ref - got).abs().max())
