@@ -68,19 +68,21 @@ class EmbeddingDistillModel(nn.Module):
         self.method = method
         self.pooling = pooling
 
-    def layer_vectors(self, input_ids, attention_mask, token_type_ids=None) -> list[torch.Tensor]:
-        """Pooled sentence vector ``[B, d_S]`` of every hidden state (embedding output first)."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": True}
+    def layer_vectors(self, input_ids, attention_mask, token_type_ids=None, last_only: bool = False) -> list[torch.Tensor]:
+        """Pooled sentence vector ``[B, d_S]`` of every hidden state (embedding output first), or
+        of the last one alone (``last_only``: no hidden state is kept on the way)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": not last_only}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         out = self.student[0].auto_model(**kwargs)
-        return [pool(h, attention_mask, self.pooling) for h in out.hidden_states]
+        states = (out.last_hidden_state,) if last_only else out.hidden_states
+        return [pool(h, attention_mask, self.pooling) for h in states]
 
     def forward(self, input_ids, attention_mask, teacher, token_type_ids=None):
         layers = self.layer_vectors(input_ids, attention_mask, token_type_ids)
         view2 = None
-        if self.method.needs_second_view:  # a second pass: other dropout masks
-            view2 = self.layer_vectors(input_ids, attention_mask, token_type_ids)[-1]
+        if self.method.needs_second_view:  # a second pass (other dropout masks): its last layer only
+            view2 = self.layer_vectors(input_ids, attention_mask, token_type_ids, last_only=True)[-1]
         return self.method(layers, teacher.to(layers[-1].dtype), view2)
 
 
