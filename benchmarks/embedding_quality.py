@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--eval", action="append", default=[], help="extra evaluation file: name=path (any STS format)")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    ap.add_argument("--keep-students", default=None, help="keep every trained student folder under this folder")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-embedding"))
     args = ap.parse_args()
     p = PRESETS[args.preset]
@@ -58,7 +59,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else p["seeds"]
     only = args.only.split(",") if args.only else None
     out = run_benchmark("embedding", str(CONFIG), args.preset, EMBEDDING_VARIANTS, seeds,
-                        p["overrides"] + [f"data.eval={ev}"], ROOT / "benchmarks" / "results", work, only)
+                        p["overrides"] + [f"data.eval={ev}"], ROOT / "benchmarks" / "results", work, only,
+                        keep_students=Path(args.keep_students) if args.keep_students else None)
     print(f"results: {out}")
 
 

@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--only", default=None)
     ap.add_argument("--seeds", default="42", help="comma-separated training seeds (default 42; more seeds: e.g. 43,44)")
     ap.add_argument("--teacher", default=None, help="teacher folder (default: the config's fine-tuned teacher)")
+    ap.add_argument("--keep-students", default=None, help="keep every trained student folder under this folder")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-lm"))
     ap.add_argument("--set", action="append", default=[], help="a further config override, key=value (recorded)")
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
     only = args.only.split(",") if args.only else None
     seeds = [int(x) for x in args.seeds.split(",")]
     out = run_benchmark("lm", str(CONFIG), args.preset, LM_VARIANTS, seeds, overrides, ROOT / "benchmarks" / "results",
-                        Path(args.work_dir), only)
+                        Path(args.work_dir), only, keep_students=Path(args.keep_students) if args.keep_students else None)
     print(f"results: {out}")
 
 

@@ -30,7 +30,7 @@ def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentence
     out = run_benchmark("embedding", str(ROOT / "configs/tiny/talas-tiny.yaml"), "test", variants, [0, 1],
                         [f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]",
                          f"data.eval={{toy: {sts_file}, again: {sts_file}}}", "train.max_steps=2"],
-                        tmp_path / "results", tmp_path / "work")
+                        tmp_path / "results", tmp_path / "work", keep_students=tmp_path / "students")
     rec = json.loads(out.read_text())
     assert rec["git_commit"] is not None and rec["machine"]["cpus"] >= 1 and rec["versions"]["torch"]
     rows = {r["variant"]: r for r in summarise(rec)}
@@ -38,6 +38,9 @@ def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentence
     assert set(rows["talas"]) >= {"toy", "again"}  # an extra evaluation file is one more column
     assert rows["broken"]["errors"] and "out of range" in rows["broken"]["errors"][0]
     assert rows["broken"]["errors"][0].startswith("seed 0:")  # a failed seed is named, not dropped
+    kept = sorted(p.name for p in (tmp_path / "students").iterdir())  # --keep-students
+    assert kept == ["rkd-s0", "rkd-s1", "talas-s0", "talas-s1"]
+    assert all((tmp_path / "students" / k / "modules.json").exists() for k in kept)
     # every trained run keeps its per-term loss history
     terms = {"talas": {"anchor", "lasd"}, "rkd": {"angle"}}
     for run in rec["runs"]:

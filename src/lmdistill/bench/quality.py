@@ -82,8 +82,11 @@ def _scores(metrics: dict, key: str) -> dict:
 
 
 def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], seeds: list[int],
-                  overrides: list[str], results_dir: Path, work_dir: Path, only: list[str] | None = None) -> Path:
-    """Train and evaluate every variant for every seed; returns the result JSON's path."""
+                  overrides: list[str], results_dir: Path, work_dir: Path, only: list[str] | None = None,
+                  keep_students: Path | None = None) -> Path:
+    """Train and evaluate every variant for every seed; returns the result JSON's path.
+    ``keep_students``: every trained student folder is kept there as ``<variant>-s<seed>``
+    (plain transformers / sentence-transformers folders, for evaluations of one's own)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_path = results_dir / f"{kind}-{preset}-{stamp}.json"
@@ -110,6 +113,12 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
             except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
                 entry["error"] = f"{type(exc).__name__}: {exc}"
             entry["wall_seconds"] = round(time.time() - t0, 1)
+            if keep_students is not None and (run_dir / "student").is_dir():
+                kept = Path(keep_students) / run_dir.name
+                shutil.rmtree(kept, ignore_errors=True)
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(run_dir / "student"), str(kept))
+                entry["student_kept"] = str(kept)
             record["runs"].append(entry)
             save()
             shutil.rmtree(run_dir, ignore_errors=True)
