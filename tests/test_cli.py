@@ -88,3 +88,29 @@ def test_demo_code_path_on_tiny_models(tiny_st, tiny_st_student, sentences_file,
         assert label in out
     after = m["after"]["stsb_test"]["spearman"]
     assert f"{after:.2f}" in out and f"student saved to {m['student_dir']}" in out
+
+
+def test_the_student_folder_carries_a_model_card_that_matches_the_metrics(gpt2_lm, llama_lm, instructions_file,
+                                                                         tmp_path):
+    import yaml
+
+    from lmdistill.config import load_config
+    from lmdistill.report.card import file_sha256
+    from lmdistill.train.lm import run_lm
+
+    cfg = load_config(ROOT / "configs/tiny/sra-tiny.yaml", [
+        f"student={llama_lm}", f"teacher={gpt2_lm}", f"data.train=[{instructions_file}]",
+        f"data.eval={{toy: {instructions_file}}}", f"output_dir={tmp_path}", "train.max_steps=2", "eval.before=true"])
+    m = run_lm(cfg, progress=False)
+    card = (tmp_path / "student" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(llama_lm) and front["library_name"] == "transformers"
+    assert "lmdistill" in front["tags"] and "lmdistill-sra" in front["tags"]
+    assert m["data_files"] == {str(instructions_file): file_sha256(instructions_file)}
+    assert file_sha256(instructions_file) in card and f"{m['steps']} optimizer steps" in card
+    for key in ("rougeL", "bpb"):  # every score, before and after, as metrics.json has it
+        row = next(line for line in card.splitlines() if line.startswith(f"| toy | {key} |"))
+        assert f"| {m['before']['toy'][key]} | {m['after']['toy'][key]} |" in row
+    assert '"alpha": 0.5' in card and "AutoModelForCausalLM.from_pretrained" in card
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["data_files"] == m["data_files"]

@@ -359,9 +359,13 @@ def train_and_measure(trainer: Trainer, ckpt_dir: str | Path) -> dict | None:
 
 def write_metrics(out_dir: Path, metrics: dict, t_start: float) -> dict:
     """Finish a run's metrics (total time) and write them to ``out_dir/metrics.json``."""
+    from lmdistill.report.card import write_model_card
+
     metrics["total_seconds"] = round(time.time() - t_start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    if metrics.get("student_dir") and Path(metrics["student_dir"]).is_dir():
+        write_model_card(metrics["student_dir"], json.loads(json.dumps(metrics, default=str)))
     return metrics
 
 

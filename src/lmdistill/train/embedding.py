@@ -8,6 +8,7 @@ ordinary sentence-transformers folder, evaluate it after, write ``metrics.json``
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -26,6 +27,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.eval.sts import sts_spearman
 from lmdistill.methods.embedding.base import pool
 from lmdistill.registry import get_method
+from lmdistill.report.card import data_file_hashes
 from lmdistill.train import cache as tcache
 from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
 
@@ -215,7 +217,8 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
     teacher_emb = teacher_cache(cfg, sentences, progress)
     cache_s = time.time() - t0
     metrics: dict = {"task": "embedding", "method": cfg.method, "teacher": cfg.teacher, "student": cfg.student,
-                     "student_layers": cfg.student_layers, "n_train": len(sentences), "config": cfg.to_dict()}
+                     "student_layers": cfg.student_layers, "n_train": len(sentences),
+                     "data_files": data_file_hashes(cfg), "config": cfg.to_dict()}
     if cfg.eval.teacher and evals:
         metrics["teacher_scores"] = teacher_scores(cfg, evals, progress)
     set_seed(cfg.train.seed)  # projector initialisation is part of the run's seed
@@ -241,7 +244,8 @@ def run_embedding(cfg: Config, progress: bool = True) -> dict:
     if student_dir.exists():
         shutil.rmtree(student_dir)
     student.save(str(student_dir))
-    metrics.update({**run, "cache_seconds": round(cache_s, 1), "student_dir": str(student_dir)})
+    metrics.update({**run, "cache_seconds": round(cache_s, 1), "student_dir": str(student_dir),
+                    "method_options": dataclasses.asdict(method.opts)})
     if evals:
         metrics["after"] = evaluate_sts(student, evals, cfg.eval.batch_size, progress)
     return write_metrics(out_dir, metrics, t_start)

@@ -9,6 +9,7 @@ response, and hands both sides to the method.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -29,6 +30,7 @@ from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.base import Response, Side, num_layers
 from lmdistill.models import decoder_and_head, final_norm, lm_head_logits
 from lmdistill.registry import get_method
+from lmdistill.report.card import data_file_hashes
 from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
 
 log = logging.getLogger("lmdistill")
@@ -277,7 +279,7 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
     out_dir = Path(cfg.output_dir)
     metrics: dict = {"task": "lm", "method": cfg.method, "teacher": cfg.teacher, "student": cfg.student,
-                     "n_train": len(rows), "config": cfg.to_dict()}
+                     "n_train": len(rows), "data_files": data_file_hashes(cfg), "config": cfg.to_dict()}
 
     def evaluate(ref_or_model, tok) -> dict:
         res = {}
@@ -320,7 +322,7 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         shutil.rmtree(student_dir)
     final.save_pretrained(student_dir, safe_serialization=True)
     s_tok.save_pretrained(student_dir)
-    metrics.update({**run, "student_dir": str(student_dir)})
+    metrics.update({**run, "student_dir": str(student_dir), "method_options": dataclasses.asdict(method.opts)})
     if getattr(method, "shared", None) is not None:
         masses = [e["shared_mass"] for e in run["log_history"] if "shared_mass" in e]
         metrics["shared_vocab"] = {**method.shared_stats,
