@@ -1,4 +1,4 @@
-"""Spans shared by two tokenizations of the same text (methods.md 1.1). Written by hand: no
+"""Spans shared by two tokenizations of the same text (docs/methods.md 1.1). Written by hand: no
 maintained library computes the finest common segmentation of two offset lists.
 
 Both tokenizers encode the same string and report character offsets. A *cut* of one side

@@ -1,4 +1,4 @@
-"""Shared vocabularies and edit-distance maps between two tokenizers (methods.md 1.6, 1.8).
+"""Shared vocabularies and edit-distance maps between two tokenizers (docs/methods.md 1.6, 3).
 Written by hand: no maintained library maps one vocabulary onto another.
 
 A token's *normalised string* is the text it stands for: the byte-level BPE alphabet

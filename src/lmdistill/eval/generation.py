@@ -1,4 +1,4 @@
-"""Generation evaluation: ROUGE-L F1 (x100) of generated responses (methods.md 1.9).
+"""Generation evaluation: ROUGE-L F1 (x100) of generated responses (docs/methods.md 5).
 
 Batched generation with left padding; greedy or sampling with fixed seeds; each response
 scored against every reference and the best kept (rouge-score's ROUGE-L F1, stemming on, as

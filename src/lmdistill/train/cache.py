@@ -1,4 +1,4 @@
-"""The teacher-embedding cache (methods.md 2.1).
+"""The teacher-embedding cache (docs/methods.md 2.1).
 
 The teacher encodes the training sentences once; the L2-normalised embeddings are stored as
 safetensors with their key in the file's metadata: teacher (reference and weight

@@ -1,6 +1,6 @@
 """TALAS: Teacher-Anchored Layer Alignment with Sharpness-aware minimisation.
 
-Follows the TALAS paper (methods.md section 2): the cached teacher sentence embedding
+Follows the TALAS paper (arXiv 2606.21851; docs/methods.md section 2): the cached teacher sentence embedding
 anchors only the top ``k`` student layers, each through its own projector (2.2); adjacent
 layers agree on their in-batch similarity structure, so lower layers learn top-down (2.3);
 an optional InfoNCE term between two dropout views of the last layer (2.4). The ASAM half
@@ -22,7 +22,7 @@ from lmdistill.registry import register
 
 @dataclass
 class TalasOptions:
-    """TALAS options; defaults as specified (methods.md 2.2-2.5)."""
+    """TALAS options; defaults as specified (docs/methods.md 2.2-2.5)."""
 
     k: int = 2  # anchored top layers
     start_layer: int = 0  # first layer of the layer-aligned chain (0 = embedding output)

@@ -1,5 +1,5 @@
 """The attention row of the last real token, at chosen layers only, without asking the model
-for every attention matrix (methods.md 1.2).
+for every attention matrix (docs/methods.md 1.2).
 
 ``output_attentions=True`` forces eager attention and keeps ``[B, H, T, T]`` per layer. Instead
 we register an attention function (``lmdistill_sdpa``) with transformers' attention interface:

@@ -1,4 +1,4 @@
-"""SRA: Span Representation Alignment for cross-tokenizer LLM distillation (methods.md 1.2-1.7).
+"""SRA: Span Representation Alignment for cross-tokenizer LLM distillation (docs/methods.md 1.2-1.7).
 
 Both tokenizations are cut into shared text spans (:mod:`lmdistill.align.spans`). At each
 mapped layer pair, each span is summarised on each side by its attention-weighted Center of
@@ -9,7 +9,7 @@ over the shared vocabulary through each model's LM head applied to the CoMs only
 
 ``L = alpha CE + (1 - alpha) (c L_span + lambda_geo L_geo + w_logit L_logit)``.
 
-Follows the SRA paper's description as specified in methods.md; the options below are the
+Follows the SRA paper (arXiv 2605.01205) as docs/methods.md describes it; the options below are the
 choices the paper leaves open (each with its ablation).
 """
 
@@ -36,7 +36,7 @@ class SRAOptions:
     c_span: float = 2.0
     lambda_geo: float = 10.0
     w_logit: float = 1.0
-    logit_reduction: str = "sum"  # sum (methods.md: sum over spans / B) | mean (mean over each row's spans, then rows)
+    logit_reduction: str = "sum"  # sum (over spans / B, as the paper) | mean (mean over each row's spans, then rows)
     tau: float = 2.0
     p: float = 1.0  # span-weight exponent
     weighting: str = "last_token"  # last_token | received | uniform (token weights inside a span)
