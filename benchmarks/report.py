@@ -116,10 +116,14 @@ def lm_section(rec: dict) -> str:
     if points:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
     header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds", "commit"]
-    return (f"### Cross-tokenizer LM: Gemma-3-270M -> SmolLM2-135M ({rec['preset']} preset)\n\n{_stamp(rec)}. "
+    rc = rec["resolved_config"]
+    layers = rc.get("student_layers")
+    student = "SmolLM2-135M" + (f" pruned to {len(layers)} of its 30 blocks" if layers else "")
+    rouge_rows = (rc.get("eval") or {}).get("rouge_limit") or rc["data"]["eval_limit"]
+    return (f"### Cross-tokenizer LM: Gemma-3-270M -> {student} ({rec['preset']} preset)\n\n{_stamp(rec)}. "
             f"Training seeds {', '.join(map(str, rec['seeds']))} (mean ± standard deviation where a variant ran more "
-            f"than one; the seeds column says how many); ROUGE-L over the first "
-            f"{rec['resolved_config']['data']['eval_limit']} rows of each set. "
+            f"than one; the seeds column says how many); ROUGE-L over the first {rouge_rows} rows of each set, "
+            f"bits per byte over the first {rc['data']['eval_limit']}. "
             f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
             f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
 
