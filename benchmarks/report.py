@@ -52,14 +52,16 @@ def _merged(prefix: str, allow_dirty: bool = False) -> dict | None:
     order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for rec in same for r in rec["runs"]))}
     base["runs"] = sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
     base["seeds"] = sorted({s for rec in same for s in rec["seeds"]})
-    base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] for rec in same))
+    base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] + ("+dirty" if rec.get("git_dirty") else "")
+                                         for rec in same))
     base["times"] = [rec["time"] for rec in same]
     return base
 
 
 def _stamp(rec: dict) -> str:
     m = rec["machine"]
-    commits = ", ".join(rec.get("commits") or [str(rec.get("git_commit"))[:10]])
+    commits = ", ".join(rec.get("commits") or
+                        [str(rec.get("git_commit"))[:10] + (" (from a dirty tree)" if rec.get("git_dirty") else "")])
     when = " and ".join(rec.get("times") or [rec["time"]])
     return (f"{when}, commit {commits}, {m['cpus']} CPUs"
             f"{', ' + m['gpu'] if m.get('gpu') else ''}, torch {rec['versions']['torch']}")
