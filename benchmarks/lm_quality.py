@@ -37,7 +37,8 @@ PRESETS = {
     # last kept), so that the teacher is clearly better; 384 tokens (3.6% of Dolly training
     # responses cut, prompt capped at half); bits per byte on 500 rows of each set, ROUGE-L on 200
     "cpu2": ["student_layers=[0,2,4,6,8,10,12,14,16,18,20,22,24,26,29]", "train.max_steps=100", "train.batch_size=4",
-             "train.grad_accum=1", "train.lr=1e-4", "data.max_length=384", "data.eval_limit=500", "eval.rouge_limit=200",
+             "train.grad_accum=1", "train.lr=1e-4", "data.max_length=384", "data.holdout=100",
+             "data.eval_limit=500", "eval.rouge_limit=200",
              "eval.greedy=true", "eval.max_new_tokens=64", "eval.batch_size=10", "train.save_steps=0",
              "train.logging_steps=10"],
     "full": ["train.epochs=3", "train.max_steps=-1", "data.max_length=512", "data.eval_limit=null",

@@ -261,6 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        _close_distributed()
+
+
+def _close_distributed() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable,
+    which aborts a replica (SIGABRT, "terminate called without an active exception") after
+    its work is done and fails the whole torchrun job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,6 +30,8 @@ class DataConfig:
     text_column: str | None = None  # for CSV/TSV sentence files
     eval: dict[str, str] = field(default_factory=dict)  # name -> file (STS or instruction JSONL)
     eval_limit: int | None = None  # rows per evaluation file, None = all
+    holdout: int = 0  # LM: N training rows (one fixed draw: the same for every seed and method) never trained on,
+    #                   evaluated (bits per byte) as the set "holdout": the dev split that a search selects on
     teacher_cache: str | None = None  # embedding: explicit teacher-cache file (default: in the cache folder)
 
 
@@ -78,7 +80,7 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     bpb: bool = True  # LM: bits per byte next to ROUGE-L
-    rouge_limit: int | None = None  # LM: rows per file for ROUGE-L (generation is the slow part); None = data.eval_limit
+    rouge_limit: int | None = None  # LM: rows per file for ROUGE-L (generation is slow); None = data.eval_limit; 0 = none
 
 
 @dataclass

@@ -10,7 +10,9 @@ response, and hands both sides to the method.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import random
 import shutil
 import time
 from pathlib import Path
@@ -206,6 +208,27 @@ class LMDistillModel(nn.Module):
         return out
 
 
+HOLDOUT_SEED = 0  # the held-out draw does not follow train.seed: every run of a search sees the same split
+
+
+def split_holdout(rows: list, n: int) -> tuple[list, list]:
+    """``(train, held)``: ``n`` rows drawn once with a fixed seed, the rest in their order."""
+    if not 0 < n < len(rows):
+        raise LmdistillError(f"data.holdout={n} but there are {len(rows)} training rows: hold out fewer")
+    pick = set(random.Random(HOLDOUT_SEED).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in pick], [r for i, r in enumerate(rows) if i in pick]
+
+
+def write_instructions(path: Path, rows: list) -> Path:
+    """``rows`` as MiniLLM JSONL (prompt, output: every reference), for evaluation."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            out = list(r.references) if len(r.references) > 1 else r.response
+            fh.write(json.dumps({"prompt": r.prompt, "output": out}, ensure_ascii=False) + "\n")
+    return path
+
+
 def rouge_limit(cfg: Config) -> int | None:
     """Rows per evaluation file for ROUGE-L: ``eval.rouge_limit``, else ``data.eval_limit``."""
     return cfg.eval.rouge_limit if cfg.eval.rouge_limit is not None else cfg.data.eval_limit
@@ -275,18 +298,24 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     for src in cfg.data.train:
         rows += read_instructions(resolve_data_path(src, cfg))
     rows = rows[:cfg.data.max_examples] if cfg.data.max_examples else rows
-    evals = {name: resolve_data_path(p, cfg) for name, p in cfg.data.eval.items()}
-    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
     out_dir = Path(cfg.output_dir)
+    evals = {name: resolve_data_path(p, cfg) for name, p in cfg.data.eval.items()}
+    if cfg.data.holdout:
+        rows, held = split_holdout(rows, cfg.data.holdout)
+        evals["holdout"] = write_instructions(out_dir / "holdout.jsonl", held)
+    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
     metrics: dict = {"task": "lm", "method": cfg.method, "teacher": cfg.teacher, "student": cfg.student,
                      "n_train": len(rows), "data_files": data_file_hashes(cfg), "config": cfg.to_dict()}
 
     def evaluate(ref_or_model, tok) -> dict:
         res = {}
         for name, path in evals.items():
-            r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
-                           greedy=cfg.eval.greedy, limit=rouge_limit(cfg), batch_size=cfg.eval.batch_size,
-                           tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, progress=progress)
+            r = {}
+            if rouge_limit(cfg) != 0 and name != "holdout":  # the selection set: bits per byte only
+                r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
+                               greedy=cfg.eval.greedy, limit=rouge_limit(cfg), batch_size=cfg.eval.batch_size,
+                               tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+                               progress=progress)
             if cfg.eval.bpb:
                 r.update({k: v for k, v in bpb_eval(ref_or_model, path, limit=cfg.data.eval_limit, tokenizer=tok,
                                                      batch_size=cfg.eval.batch_size, progress=progress).items()
