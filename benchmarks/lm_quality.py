@@ -15,6 +15,15 @@ Presets:
         sampling at temperature 1 with seeds 10/20/30/40/50, 256 new tokens.
 
     python benchmarks/lm_quality.py --preset cpu [--eval name=path ...] [--only sra,sft] [--seeds 42,43] [--set k=v]
+
+The fair search, then the seeds (every method the same way):
+    python benchmarks/lm_quality.py --preset cpu2 --search-lr 1,3,10 --only sft,sra,...
+        each method once (seed 42) at its learning rate x 1, 3 and 10, scored only by bits per
+        byte on the 100 held-out training rows (data.holdout; never reported) ->
+        benchmarks/results/lm-search-cpu2-<time>.json
+    python benchmarks/lm_quality.py --preset cpu2 --settings-from benchmarks/results/lm-search-cpu2-*.json \
+        --seeds 42,43,44
+        each method at the learning rate that won its search, on the reported sets
 """
 
 from __future__ import annotations
@@ -56,11 +65,27 @@ def main() -> None:
     ap.add_argument("--keep-students", default=None, help="keep every trained student folder under this folder")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-lm"))
     ap.add_argument("--set", action="append", default=[], help="a further config override, key=value (recorded)")
+    ap.add_argument("--search-lr", default=None,
+                    help="search instead: comma-separated factors of each method's learning rate (e.g. 1,3,10), "
+                         "scored on the held-out rows only")
+    ap.add_argument("--settings-from", nargs="+", default=None,
+                    help="search records: each method runs at the learning rate that won its search")
     args = ap.parse_args()
     overrides = list(PRESETS[args.preset]) + list(args.set)
+    search = [float(x) for x in args.search_lr.split(",")] if args.search_lr else None
+    if search:
+        overrides.append("data.eval={}")  # the search sees only the held-out rows
+    settings = None
+    if args.settings_from:
+        import json
+
+        from lmdistill.bench.quality import select
+
+        settings = {name: s["chosen"] for name, s in
+                    select([json.loads(Path(f).read_text()) for f in args.settings_from]).items()}
     if args.teacher:
         overrides.append(f"teacher={args.teacher}")
-    if args.eval:
+    if args.eval and not search:
         from lmdistill.config import load_config
 
         evals = dict(load_config(CONFIG).data.eval)
@@ -69,7 +94,9 @@ def main() -> None:
     only = args.only.split(",") if args.only else None
     seeds = [int(x) for x in args.seeds.split(",")]
     out = run_benchmark("lm", str(CONFIG), args.preset, LM_VARIANTS, seeds, overrides, ROOT / "benchmarks" / "results",
-                        Path(args.work_dir), only, keep_students=Path(args.keep_students) if args.keep_students else None)
+                        Path(args.work_dir), only, keep_students=Path(args.keep_students) if args.keep_students else None,
+                        search_lr=search, settings=settings,
+                        settings_from=[Path(f).name for f in args.settings_from or []])
     print(f"results: {out}")
 
 

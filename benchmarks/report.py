@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmdistill.bench.quality import summarise  # noqa: E402
+from lmdistill.bench.quality import select, summarise  # noqa: E402
 from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,11 +41,12 @@ def _merged(prefix: str, allow_dirty: bool = False) -> dict | None:
     base = dict(recs[-1])
     if "runs" not in base:  # the speed benchmark: one run is the whole measurement
         return base
-    same = [r for r in recs if r.get("config") == base.get("config") and r.get("overrides") == base.get("overrides")]
+    same = [r for r in recs if all(r.get(k) == base.get(k) for k in ("config", "overrides", "settings"))]
     seen, runs = set(), []
     for rec in reversed(same):
         for run in rec["runs"]:
-            key = (run["variant"], run["seed"] if run.get("kind", "train") == "train" else None)
+            key = (run["variant"], run["seed"] if run.get("kind", "train") == "train" else None,
+                   json.dumps(run.get("setting"), sort_keys=True))
             if key not in seen:
                 seen.add(key)
                 runs.append(run)
@@ -130,6 +131,24 @@ def lm_section(rec: dict) -> str:
             f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
 
 
+def search_section(rec: dict) -> str:
+    """What each method's search tried and chose (the selection set is never reported)."""
+    chosen = select([rec])
+    keys = list(dict.fromkeys(k for c in chosen.values() for st, _ in c["tried"] for k in st))
+    rows = []
+    for name, c in chosen.items():
+        tried = "; ".join(f"{' '.join(str(v) for v in st.values())}: {fmt(sc, None, 3) if sc is not None else 'failed'}"
+                          for st, sc in c["tried"])
+        rows.append([name, tried, " ".join(str(v) for v in c["chosen"].values()), fmt(c["score"], None, 3)])
+    rc = rec["resolved_config"]
+    factors = ", ".join(f"{f:g}" for f in rec["search"]["lr_factors"])
+    return (f"### Hyperparameter search, cross-tokenizer LM ({rec['preset']} preset)\n\n{_stamp(rec)}. Each method "
+            f"once (seed {rec['seeds'][0]}) at its learning rate times {factors}; "
+            f"selected by bits per byte on {rc['data']['holdout']} training rows held out of every run (the teacher's "
+            f"fine-tuning included) and never reported. Searched: {', '.join(keys)}.\n\n"
+            f"{markdown_table(['variant', 'tried (bits/byte on the held-out rows)', 'chosen', 'best'], rows)}\n")
+
+
 def speed_section(rec: dict) -> str:
     rows = [["floor", fmt(rec["floor"]["s_per_step"], None, 3), fmt(rec["floor"]["peak_mb"], None, 0), "1.00"]]
     for name, r in rec["methods"].items():
@@ -150,7 +169,8 @@ def main() -> None:
     args = ap.parse_args()
     parts = []
     for prefix, fn in (("embedding-cpu", embedding_section), ("embedding-full", embedding_section),
-                       ("lm-cpu", lm_section), ("lm-cpu2", lm_section), ("lm-full", lm_section),
+                       ("lm-search-cpu2", search_section), ("lm-cpu", lm_section), ("lm-cpu2", lm_section),
+                       ("lm-full", lm_section),
                        ("speed-embedding", speed_section), ("speed-lm", speed_section)):
         rec = _merged(prefix, args.allow_dirty)
         if rec:

@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from lmdistill.bench.quality import Variant, run_benchmark, summarise
 from lmdistill.report.records import markdown_table, plot_score_vs_cost, update_readme
 
@@ -79,3 +81,50 @@ def test_report_shows_commits_and_refuses_dirty_records(tmp_path, monkeypatch, c
     assert "bbbbbbbbbb+dirty" in summarise(both)[0]["commits"]
     section = report.embedding_section(both)
     assert "bbbbbbbbbb+dirty" in section and "1 failed: seed 2: boom" in section
+
+
+def test_lm_search_selects_on_the_holdout_and_the_seeds_run_at_the_choice(gpt2_lm, llama_lm, instructions_file,
+                                                                         tmp_path, monkeypatch):
+    from lmdistill.bench.quality import select
+
+    variants = [Variant("teacher", kind="teacher", group="reference"), Variant("sft", ["method=sft", "method_args={}"]),
+                Variant("sft lora", ["method=sft", "method_args={}", "train.lr=1e-3",
+                                     "train.lora={r: 2, lora_alpha: 4, target_modules: [q_proj]}"])]
+    common = [f"teacher={gpt2_lm}", f"student={llama_lm}", f"data.train=[{instructions_file}]", "data.holdout=1",
+              "train.max_steps=3", "train.logging_steps=1", "train.warmup_ratio=0", "train.lr=1e-4"]
+    cfg = str(ROOT / "configs/tiny/sra-tiny.yaml")
+    out = run_benchmark("lm", cfg, "test", variants, [7, 8], [*common, "data.eval={}"], tmp_path / "results",
+                        tmp_path / "work", search_lr=[1, 10])
+    assert out.name.startswith("lm-search-test-")
+    rec = json.loads(out.read_text())
+    pts = [(r["variant"], r["setting"]["train.lr"], r["seed"]) for r in rec["runs"]]
+    # no reference rows, one seed, each variant's own learning rate times each factor
+    assert pts == [("sft", "0.0001", 7), ("sft", "0.001", 7), ("sft lora", "0.001", 7), ("sft lora", "0.01", 7)]
+    assert all(set(r["scores"]) == {"holdout"} for r in rec["runs"])
+    chosen = select([rec])
+    for name in ("sft", "sft lora"):
+        scores = [r["scores"]["holdout"]["bpb"] for r in rec["runs"] if r["variant"] == name]
+        assert chosen[name]["score"] == min(scores) and len(chosen[name]["tried"]) == 2
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    monkeypatch.setattr(report, "RESULTS", out.parent)
+    merged = report._merged("lm-search-test", allow_dirty=True)  # the points of one seed are not merged into one
+    assert len(merged["runs"]) == 4
+    section = report.search_section(merged)
+    assert f"| sft | 0.0001: {chosen['sft']['tried'][0][1]:.3f}; 0.001: " in section
+    assert "times 1, 10" in section and "on 1 training rows held out" in section
+    # a failed point is listed, not chosen
+    rec["runs"][0] = {**rec["runs"][0], "error": "boom"}
+    assert select([rec])["sft"]["chosen"] == rec["runs"][1]["setting"]
+    settings = {"sft": {"train.lr": "0.0005"}}
+    out2 = run_benchmark("lm", cfg, "test", variants[:2], [7], [*common, f"data.eval={{toy: {instructions_file}}}"],
+                         tmp_path / "results", tmp_path / "work", settings=settings, settings_from=[out.name])
+    rec2 = json.loads(out2.read_text())
+    assert rec2["settings"] == settings and rec2["settings_from"] == [out.name]
+    run = next(r for r in rec2["runs"] if r["variant"] == "sft")
+    assert run["setting"] == settings["sft"] and set(run["scores"]) == {"toy", "holdout"}
+    first = next(r for r in rec["runs"] if r["variant"] == "sft")  # the learning rate really was changed
+    lr = [h["learning_rate"] for h in run["log_history"] if "learning_rate" in h]
+    lr0 = [h["learning_rate"] for h in first["log_history"] if "learning_rate" in h]
+    assert lr and lr[0] == pytest.approx(lr0[0] * 5)

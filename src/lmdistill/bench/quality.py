@@ -81,17 +81,54 @@ def _scores(metrics: dict, key: str) -> dict:
     return {name: res for name, res in metrics.get(key, {}).items()}
 
 
+def lr_grid(config: str, overrides: list[str], variant: Variant, factors: list[float]) -> list[dict[str, str]]:
+    """The search points of one variant: its own learning rate (the preset's, or the variant's
+    where it sets one, e.g. a LoRA regime) times each factor. The same factors for every
+    method, so every method gets the same search around its starting point."""
+    base = load_config(config, list(overrides) + variant.overrides).train.lr
+    return [{"train.lr": f"{base * f:.3g}"} for f in factors]
+
+
+def select(records: list[dict], on: str = "holdout", metric: str = "bpb") -> dict[str, dict]:
+    """Per variant, the search point with the lowest ``metric`` on the selection set ``on``
+    (bits per byte on the held-out training rows, never reported): ``{"chosen": setting,
+    "score": best, "tried": [[setting, score], ...]}``. Failed points are listed with None."""
+    tried: dict[str, list] = {}
+    for rec in records:
+        for r in rec["runs"]:
+            score = (r.get("scores") or {}).get(on, {}).get(metric) if "error" not in r else None
+            tried.setdefault(r["variant"], []).append([r.get("setting", {}), score])
+    out = {}
+    for name, pts in tried.items():
+        ok = [p for p in pts if p[1] is not None]
+        if ok:
+            best = min(ok, key=lambda p: p[1])
+            out[name] = {"chosen": best[0], "score": best[1], "tried": pts}
+    return out
+
+
 def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], seeds: list[int],
                   overrides: list[str], results_dir: Path, work_dir: Path, only: list[str] | None = None,
-                  keep_students: Path | None = None) -> Path:
+                  keep_students: Path | None = None, search_lr: list[float] | None = None,
+                  settings: dict[str, dict[str, str]] | None = None, settings_from: list[str] | None = None) -> Path:
     """Train and evaluate every variant for every seed; returns the result JSON's path.
+
     ``keep_students``: every trained student folder is kept there as ``<variant>-s<seed>``
-    (plain transformers / sentence-transformers folders, for evaluations of one's own)."""
+    (plain transformers / sentence-transformers folders, for evaluations of one's own).
+    ``search_lr``: a search instead: every trained variant once (the first seed) at each of
+    ``lr_grid``'s points; the record is ``<kind>-search-<preset>-<time>.json`` and ``select``
+    reads the choice from it. ``settings``: per variant, the overrides chosen by a search
+    (``settings_from`` names the search records, kept in the record)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path = results_dir / f"{kind}-{preset}-{stamp}.json"
+    out_path = results_dir / (f"{kind}-search-{preset}-{stamp}.json" if search_lr else f"{kind}-{preset}-{stamp}.json")
     record = {"kind": kind, "preset": preset, "config": config, "overrides": overrides, "seeds": seeds,
               **environment(), "runs": []}
+    if search_lr:
+        record["search"] = {"lr_factors": search_lr, "selection": "lowest bits per byte on the held-out rows"}
+    if settings:
+        record["settings"] = settings
+        record["settings_from"] = settings_from or []
     base = load_config(config, overrides)
     record["resolved_config"] = base.to_dict()
 
@@ -101,13 +138,20 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
         out_path.write_text(json.dumps(record, indent=1, default=str).replace(repo, ""))
 
     for v in variants:
-        if only and v.name not in only:
+        if only and v.name not in only or search_lr and v.kind != "train":
             continue
-        for seed in ([seeds[0]] if v.kind != "train" else seeds):
-            run_dir = work_dir / f"{v.name.replace(' ', '_').replace(':', '').replace('(', '').replace(')', '')}-s{seed}"
-            ov = list(overrides) + v.overrides + [f"output_dir={run_dir}", f"train.seed={seed}"]
+        points = lr_grid(config, overrides, v, search_lr) if search_lr else [(settings or {}).get(v.name, {})]
+        run_seeds = [seeds[0]] if v.kind != "train" or search_lr else seeds
+        for setting, seed in [(p, s) for p in points for s in run_seeds]:
+            tag = "".join(f"-{k.split('.')[-1]}{val}" for k, val in setting.items())
+            slug = v.name.replace(' ', '_').replace(':', '').replace('(', '').replace(')', '').replace("'", "")
+            run_dir = work_dir / f"{slug}{tag}-s{seed}"
+            ov = list(overrides) + v.overrides + [f"{k}={val}" for k, val in setting.items()]
+            ov += [f"output_dir={run_dir}", f"train.seed={seed}"]
             t0 = time.time()
             entry = {"variant": v.name, "group": v.group, "seed": seed, "kind": v.kind}
+            if setting:
+                entry["setting"] = setting
             try:
                 entry.update(_run_one(kind, config, ov, v.kind))
             except Exception as exc:  # noqa: BLE001 - one failed variant must not lose the others
@@ -122,7 +166,7 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
             record["runs"].append(entry)
             save()
             shutil.rmtree(run_dir, ignore_errors=True)
-            brief = {k: entry.get(k) for k in ("scores", "seconds_per_step", "error")}
+            brief = {k: entry.get(k) for k in ("setting", "scores", "seconds_per_step", "error")}
             print(f"[bench] {v.name} seed {seed}: {json.dumps(brief)}", flush=True)
     return out_path
 
