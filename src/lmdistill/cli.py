@@ -170,6 +170,14 @@ def cmd_bench_speed(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lmdistill.report.curves import plot_run
+
+    path, terms = plot_run(args.run_dir, args.output)
+    print(f"loss curves ({', '.join(terms)}): {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from lmdistill.demo import run_demo
 
@@ -183,13 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a student with a config")
-    t.add_argument("config")
+    t.add_argument("config", help="a YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
     t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("cache", help="build the teacher-embedding cache of an embedding config")
-    c.add_argument("config")
-    c.add_argument("overrides", nargs="*")
+    c.add_argument("config", help="an embedding config")
+    c.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     c.set_defaults(func=cmd_cache)
 
     e = sub.add_parser("eval", help="evaluate a model")
@@ -201,50 +209,55 @@ def build_parser() -> argparse.ArgumentParser:
         ("bpb", cmd_eval_bpb, "bits per byte of the reference responses", 8),
     ):
         s = esub.add_parser(name, help=helptext)
-        s.add_argument("--model", required=True)
-        s.add_argument("--data", required=True)
-        s.add_argument("--batch-size", type=int, default=batch)
-        s.add_argument("--json", action="store_true")
-        s.add_argument("--trust-remote-code", action="store_true")
+        s.add_argument("--model", required=True, help="a model folder, hub name or pkg: name")
+        s.add_argument("--data", required=True, help="the evaluation file (STS TSV/CSV or MiniLLM JSONL)")
+        s.add_argument("--batch-size", type=int, default=batch, help=f"rows per forward (default {batch})")
+        s.add_argument("--json", action="store_true", help="print the result as JSON")
+        s.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (hub models)")
         if name == "mteb":
-            s.add_argument("--task", default="STSBenchmark")
+            s.add_argument("--task", default="STSBenchmark", help="the MTEB task whose format the file has")
         if name in ("rouge", "bpb"):
-            s.add_argument("--limit", type=int, default=None)
+            s.add_argument("--limit", type=int, default=None, help="the first N rows only")
         if name == "rouge":
-            s.add_argument("--max-new-tokens", type=int, default=256)
-            s.add_argument("--seeds", default="10")
-            s.add_argument("--greedy", action="store_true")
+            s.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per row")
+            s.add_argument("--seeds", default="10", help="comma-separated sampling seeds (averaged)")
+            s.add_argument("--greedy", action="store_true", help="greedy decoding (then one pass, whatever the seeds)")
         s.set_defaults(func=func)
 
     a = sub.add_parser("align", help="spans shared by two tokenizations of a text")
-    a.add_argument("--student", required=True)
-    a.add_argument("--teacher", required=True)
-    a.add_argument("--text", required=True)
-    a.add_argument("--response-start", type=int, default=0)
-    a.add_argument("--max-spans", type=int, default=1024)
-    a.add_argument("--json", action="store_true")
-    a.add_argument("--trust-remote-code", action="store_true")
+    a.add_argument("--student", required=True, help="the student's model or tokenizer (folder, hub name, pkg:)")
+    a.add_argument("--teacher", required=True, help="the teacher's model or tokenizer")
+    a.add_argument("--text", required=True, help="the text to cut into shared spans")
+    a.add_argument("--response-start", type=int, default=0, help="character where the response starts")
+    a.add_argument("--max-spans", type=int, default=1024, help="at most this many spans (as method_args.max_spans)")
+    a.add_argument("--json", action="store_true", help="print the spans as JSON")
+    a.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizers' own code")
     a.set_defaults(func=cmd_align)
 
     s = sub.add_parser("sft", help="fine-tune a causal LM (e.g. the teacher) on instruction data")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*")
+    s.add_argument("config", help="an LM config (see configs/sft-gemma270m-dolly.yaml)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     s.set_defaults(func=cmd_sft)
+
+    r = sub.add_parser("report", help="a run's loss curves (every logged term) as a PNG next to its metrics.json")
+    r.add_argument("run_dir", help="a run's output_dir (finished, or still training: its latest checkpoint)")
+    r.add_argument("--output", default=None, help="PNG path (default RUN_DIR/loss_curves.png)")
+    r.set_defaults(func=cmd_report)
 
     be = sub.add_parser("bench", help="benchmarks")
     bsub = be.add_subparsers(dest="bench", required=True)
     sp = bsub.add_parser("speed", help="seconds per step and peak memory of each method")
-    sp.add_argument("--pair", choices=["lm", "embedding"], required=True)
-    sp.add_argument("--methods", default=None)
-    sp.add_argument("--steps", type=int, default=3)
-    sp.add_argument("--preset", choices=["cpu"], default="cpu")
+    sp.add_argument("--pair", choices=["lm", "embedding"], required=True, help="which teacher/student pair")
+    sp.add_argument("--methods", default=None, help="comma-separated methods (default all of the pair's)")
+    sp.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    sp.add_argument("--preset", choices=["cpu"], default="cpu", help="batch and length preset")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set teacher=my/teacher --set student=my/student")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="print the result as JSON")
     sp.set_defaults(func=cmd_bench_speed)
 
     d = sub.add_parser("demo", help="TALAS on the bundled models and data: the student before and after")
-    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--output-dir", default="runs/demo", help="where the demo's student and metrics go")
     d.set_defaults(func=cmd_demo)
     return p
 

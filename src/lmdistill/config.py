@@ -65,6 +65,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     group_by_length: bool = True  # batches of similar length: far less padding (a seeded, shuffled order)
     dataloader_workers: int = 0
+    report_to: list[str] = field(default_factory=list)  # as TrainingArguments.report_to: tensorboard, wandb, ...
 
 
 @dataclass

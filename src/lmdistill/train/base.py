@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
+from transformers.integrations import TensorBoardCallback, is_tensorboard_available
 
 from lmdistill.config import TrainConfig
 from lmdistill.errors import LmdistillError
@@ -37,8 +38,23 @@ WEIGHTS = "model.safetensors"
 log = logging.getLogger("lmdistill")
 
 
+def report_targets(tc: TrainConfig) -> list[str]:
+    """``train.report_to`` as a list (a single name is accepted)."""
+    return [tc.report_to] if isinstance(tc.report_to, str) else list(tc.report_to or [])
+
+
+class TensorBoardLogs(TensorBoardCallback):
+    """TensorBoard event files in ``OUTPUT_DIR/tensorboard`` (beside, not inside, the rotated
+    checkpoints): ``loss``, ``grad_norm``, ``learning_rate`` and every loss term, per logging step."""
+
+    def __init__(self, log_dir: str | Path) -> None:
+        super().__init__()
+        self.logging_dir = str(log_dir)
+
+
 def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> TrainingArguments:
-    """``TrainingArguments`` from our train config (clipping is done inside the ASAM wrapper)."""
+    """``TrainingArguments`` from our train config (clipping is done inside the ASAM wrapper).
+    TensorBoard is attached by ``DistillTrainer`` itself (see ``TensorBoardLogs``)."""
     use_cpu = not torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -60,7 +76,7 @@ def training_arguments(tc: TrainConfig, output_dir: str | Path, **extra) -> Trai
         bf16=tc.bf16,
         fp16=tc.fp16,
         use_cpu=use_cpu,
-        report_to=[],
+        report_to=[t for t in report_targets(tc) if t != "tensorboard"] or "none",
         remove_unused_columns=False,
         dataloader_num_workers=tc.dataloader_workers,
         train_sampling_strategy="group_by_length" if tc.group_by_length else "random",
@@ -84,6 +100,11 @@ class DistillTrainer(Trainer):
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         super().__init__(*args, **kwargs)
+        if "tensorboard" in report_targets(train_config):
+            if not is_tensorboard_available():
+                raise LmdistillError("train.report_to names tensorboard, which is not installed: "
+                                     "pip install 'lmdistill[tensorboard]' (or drop it from train.report_to)")
+            self.add_callback(TensorBoardLogs(Path(self.args.output_dir).parent / "tensorboard"))
 
     # ---- optimizer ---------------------------------------------------------------------
     def create_optimizer(self, model=None):
