@@ -134,6 +134,12 @@ def cmd_align(args) -> int:
 
     s_tok = load_tokenizer(args.student, trust_remote_code=args.trust_remote_code)
     t_tok = load_tokenizer(args.teacher, trust_remote_code=args.trust_remote_code)
+    if args.text_file:
+        args.text = Path(args.text_file).read_text(encoding="utf-8")
+    if args.text is None:
+        raise LmdistillError("give the text to align: --text '...' or --text-file FILE")
+    if args.html:
+        return _align_html(args, s_tok, t_tok)
     res = align_text(args.text, s_tok, t_tok, response_start=args.response_start, max_spans=args.max_spans)
     if args.json:
         _json_out(res)
@@ -142,6 +148,23 @@ def cmd_align(args) -> int:
             a, b = sp["chars"]
             print(f"{a:5d}-{b:<5d} {args.text[a:b]!r:30} student {sp['student']} teacher {sp['teacher']}")
         print(json.dumps(res["stats"]))
+    return 0
+
+
+def _align_html(args, s_tok, t_tok) -> int:
+    from lmdistill import models
+    from lmdistill.align.viewer import span_page, write_span_page
+    from lmdistill.align.vocab import shared_vocab
+
+    shared = shared_vocab(s_tok, t_tok, args.vocab_match, models.cache_root(None))
+    teacher = None
+    if args.attention:
+        teacher = models.load_causal_lm(args.teacher, None, args.trust_remote_code).eval()
+    page, summary = span_page(args.text, s_tok, t_tok, response_start=args.response_start, max_spans=args.max_spans,
+                              shared=shared, teacher_model=teacher, names=(args.student, args.teacher))
+    path = write_span_page(args.html, page)
+    print(json.dumps(summary))
+    print(f"spans page: {path}")
     return 0
 
 
@@ -227,7 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("align", help="spans shared by two tokenizations of a text")
     a.add_argument("--student", required=True, help="the student's model or tokenizer (folder, hub name, pkg:)")
     a.add_argument("--teacher", required=True, help="the teacher's model or tokenizer")
-    a.add_argument("--text", required=True, help="the text to cut into shared spans")
+    a.add_argument("--text", default=None, help="the text to cut into shared spans")
+    a.add_argument("--text-file", default=None, help="read the text from this file instead")
+    a.add_argument("--html", default=None, metavar="FILE",
+                   help="write a self-contained page: the text as its spans, each span's tokens side by side, "
+                        "uncovered characters marked, shared-vocabulary status")
+    a.add_argument("--attention", action="store_true",
+                   help="with --html: --teacher is a model; show each span's attention mass (its SRA weight)")
+    a.add_argument("--vocab-match", default="normalised", choices=["normalised", "exact"],
+                   help="shared-vocabulary rule for --html (as method_args.vocab_match)")
     a.add_argument("--response-start", type=int, default=0, help="character where the response starts")
     a.add_argument("--max-spans", type=int, default=1024, help="at most this many spans (as method_args.max_spans)")
     a.add_argument("--json", action="store_true", help="print the spans as JSON")
