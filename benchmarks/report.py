@@ -74,6 +74,11 @@ def _seeds(row: dict) -> str:
     return str(row["n_seeds"]) + (f" ({failed} failed: {'; '.join(row['errors'])[:120]})" if failed else "")
 
 
+def _references(rows: list[dict], ev: str) -> list[tuple[str, float]]:
+    """The reference rows (teacher, untrained student) of a table, as lines on its plot."""
+    return [(r["variant"], r[ev][0]) for r in rows if r["group"] == "reference" and ev in r]
+
+
 def embedding_section(rec: dict) -> str:
     rows = summarise(rec)
     meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step", "commits")
@@ -87,11 +92,11 @@ def embedding_section(rec: dict) -> str:
                      + [fmt(r.get("seconds_per_step"), None, 2) if r.get("seconds_per_step") else "-", _seeds(r),
                         ", ".join(r["commits"]) or "-"])
         if r.get("seconds_per_step") and evals and evals[0] in r:
-            points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
+            points.append((r["variant"], r["seconds_per_step"], *r[evals[0]]))
     png = RESULTS / f"embedding-{rec['preset']}.png"
     if points:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} Spearman x100",
-                           f"Embedding distillation ({rec['preset']} preset)", png)
+                           f"Embedding distillation ({rec['preset']} preset)", png, _references(rows, evals[0]))
     md = markdown_table(["variant"] + [f"{e} Spearman" for e in evals] + ["s/step", "seeds", "commit"], table)
     return (f"### Sentence embeddings: all-mpnet-base-v2 -> MiniLM-L6 layers 0,2,4 ({rec['preset']} preset)\n\n"
             f"{_stamp(rec)}. Mean ± standard deviation over seeds {rec['seeds']}; variants run: "
@@ -114,10 +119,11 @@ def lm_section(rec: dict) -> str:
                   ", ".join(r["commits"]) or "-"]
         table.append(cells)
         if r.get("seconds_per_step") and evals and evals[0] in r:
-            points.append((r["variant"], r["seconds_per_step"], r[evals[0]][0]))
+            points.append((r["variant"], r["seconds_per_step"], *r[evals[0]]))
     png = RESULTS / f"lm-{rec['preset']}.png"
     if points:
-        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png)
+        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png,
+                           _references(rows_r, evals[0]))
     header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds", "commit"]
     rc = rec["resolved_config"]
     layers = rc.get("student_layers")

@@ -49,13 +49,26 @@ def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentence
         if run["kind"] == "train" and "error" not in run:
             hist = [h for h in run["log_history"] if "loss" in h]
             assert len(hist) == 2 and all(terms[run["variant"]] <= set(h) for h in hist), hist
-    png = plot_score_vs_cost([("a", 1.0, 2.0), ("b", 2.0, 3.0)], "x", "y", "t", tmp_path / "p.png")
+    png = plot_score_vs_cost([("a", 1.0, 2.0), ("b", 2.0, 3.0, 0.4), ("c", 2.1, 3.01, None)], "x", "y", "t",
+                             tmp_path / "p.png", references=[("teacher", 4.0), ("student (untrained)", 1.0)])
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert markdown_table(["a", "b"], [["1", "2"]]).splitlines()[1] == "|---|---|"
     readme = tmp_path / "R.md"
     readme.write_text("x\n<!-- results:start -->\nold\n<!-- results:end -->\ny\n")
     update_readme(readme, "new table")
     assert readme.read_text() == "x\n<!-- results:start -->\nnew table\n<!-- results:end -->\ny\n"
+
+
+def test_plot_labels_are_spread_apart_in_order():
+    from lmdistill.report.records import spread_labels
+
+    ys = [3.0, 3.01, 1.0, 3.02]
+    out = spread_labels(ys, 0.1)
+    order = sorted(range(4), key=lambda i: ys[i])
+    assert [out[i] for i in order] == sorted(out)  # the order of the points is kept
+    assert all(b - a >= 0.1 - 1e-9 for a, b in zip(sorted(out), sorted(out)[1:]))
+    assert spread_labels([1.0, 2.0], 0.1) == [1.0, 2.0]  # far enough apart: left where they are
+    assert spread_labels([1.0, 1.0], 0.1, xs=[0.0, 5.0], x_gap=1.0) == [1.0, 1.0]  # far apart in x
 
 
 def test_report_shows_commits_and_refuses_dirty_records(tmp_path, monkeypatch, capsys):
