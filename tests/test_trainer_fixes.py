@@ -142,7 +142,7 @@ def test_dskd_checkpoint_holds_no_teacher_weight(gpt2_lm, llama_lm, instructions
 
 @pytest.mark.parametrize("override, match", [
     (["task=embedding", "train.lora={r: 8}"], "train.lora applies to LM students only"),
-    (["task=lm", "data.teacher_cache=x.safetensors"], "data.teacher_cache is for embedding runs"),
+    (["task=lm", "data.teacher_cache=x.safetensors"], "an LM teacher cache is a folder"),
     (["train.asam_interval=0"], "asam_interval must be at least 1"),
     (["train.rho=-0.1"], "rho must be 0 or more"),
     (["train.warmup_ratio=5"], "warmup_ratio is a share"),

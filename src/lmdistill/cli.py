@@ -65,8 +65,17 @@ def cmd_cache(args) -> int:
     from lmdistill.train.embedding import teacher_cache, training_sentences
 
     cfg = load_config(args.config, list(args.overrides))
-    if cfg.task != "embedding":
-        raise LmdistillError("lmdistill cache builds the teacher-embedding cache of an embedding config (task: embedding)")
+    if cfg.task == "lm":
+        from lmdistill.train.lm_cache import build_lm_teacher_cache
+
+        if cfg.data.teacher_cache is None:
+            cfg.data.teacher_cache = "auto"
+        folder = build_lm_teacher_cache(cfg)
+        m = json.loads((folder / "manifest.json").read_text())
+        print(f"teacher cache ready: {folder} ({m['rows']} rows, {m['bytes'] / 2**20:.1f} MB, "
+              f"{m['bytes'] / max(m['rows'], 1) / 1024:.0f} KB per row); train from it with data.teacher_cache="
+              f"{'auto' if cfg.data.teacher_cache == 'auto' else folder}")
+        return 0
     sentences = training_sentences(cfg)
     emb = teacher_cache(cfg, sentences)
     print(f"teacher cache ready: {emb.shape[0]} sentences x {emb.shape[1]} dims")
@@ -218,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=10 output_dir=runs/x")
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("cache", help="build the teacher-embedding cache of an embedding config")
+    c = sub.add_parser("cache", help="run the teacher once into a cache: embeddings (embedding configs) or the "
+                                     "method's targets (LM configs; train from it with data.teacher_cache=auto)")
     c.add_argument("config", help="an embedding config")
     c.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     c.set_defaults(func=cmd_cache)

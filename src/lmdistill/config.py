@@ -32,7 +32,12 @@ class DataConfig:
     eval_limit: int | None = None  # rows per evaluation file, None = all
     holdout: int = 0  # LM: N training rows (one fixed draw: the same for every seed and method) never trained on,
     #                   evaluated (bits per byte) as the set "holdout": the dev split that a search selects on
-    teacher_cache: str | None = None  # embedding: explicit teacher-cache file (default: in the cache folder)
+    # embedding: an explicit teacher-cache file (default: in the cache folder; the teacher always runs once).
+    # LM: None = the teacher runs at every step; "auto" (a folder in the cache folder) or a folder = train
+    # from the targets `lmdistill cache CONFIG` stored there, with no teacher weights in memory
+    teacher_cache: str | None = None
+    teacher_top_k: int | None = 64  # LM cache: span logits as the top k log-probabilities + the rest; None = all
+    teacher_cache_dtype: str = "float16"  # LM cache: float16 | bfloat16 | float32 (CoMs and log-probabilities)
 
 
 @dataclass
@@ -186,6 +191,11 @@ def validate(cfg: Config) -> None:
     """Checks that need more than the key names."""
     if cfg.task not in ("embedding", "lm"):
         raise LmdistillError(f"task must be 'embedding' or 'lm', got {cfg.task!r}")
+    if cfg.data.teacher_cache_dtype not in ("float16", "bfloat16", "float32"):
+        raise LmdistillError(f"data.teacher_cache_dtype must be float16, bfloat16 or float32, got "
+                             f"{cfg.data.teacher_cache_dtype!r}")
+    if cfg.data.teacher_top_k is not None and cfg.data.teacher_top_k < 1:
+        raise LmdistillError(f"data.teacher_top_k must be a positive number or null (all), got {cfg.data.teacher_top_k}")
     if cfg.train.optimizer not in ("asam", "sam", "adamw"):
         raise LmdistillError(f"train.optimizer must be asam, sam or adamw, got {cfg.train.optimizer!r}")
     if cfg.train.bf16 and cfg.train.fp16:
@@ -197,8 +207,9 @@ def validate(cfg: Config) -> None:
     # keys that belong to one task only are refused in the other, never silently ignored
     if cfg.task == "embedding" and cfg.train.lora:
         raise LmdistillError("train.lora applies to LM students only: remove it (embedding students train in full)")
-    if cfg.task == "lm" and cfg.data.teacher_cache:
-        raise LmdistillError("data.teacher_cache is for embedding runs (LM runs run the teacher online): remove it")
+    if cfg.task == "lm" and str(cfg.data.teacher_cache or "").endswith(".safetensors"):
+        raise LmdistillError("an LM teacher cache is a folder (or auto), not a .safetensors file: set "
+                             "data.teacher_cache=auto, or a folder, and build it with `lmdistill cache CONFIG`")
     if cfg.train.asam_interval < 1:
         raise LmdistillError(f"train.asam_interval must be at least 1, got {cfg.train.asam_interval}")
     if cfg.train.rho < 0:

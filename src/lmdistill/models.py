@@ -373,6 +373,18 @@ def load_causal_lm(ref: str, cache_dir: str | None = None, trust_remote_code: bo
         raise LmdistillError(f"could not load causal LM {ref!r}: {str(exc).splitlines()[0]}") from exc
 
 
+def load_causal_config(ref: str, cache_dir: str | None = None, trust_remote_code: bool = False):
+    """A causal LM's config alone (its weights are not read): what training from a teacher cache
+    needs of the teacher."""
+    from transformers import AutoConfig
+
+    try:
+        conf = AutoConfig.from_pretrained(resolve(ref, cache_dir), trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise LmdistillError(f"could not read the config of {ref!r}: {str(exc).splitlines()[0]}") from exc
+    return conf.get_text_config() if hasattr(conf, "get_text_config") else conf
+
+
 def default_device():
     """Where models run: this process's GPU when there is one (``cuda:LOCAL_RANK`` under a
     distributed launcher), else the CPU."""

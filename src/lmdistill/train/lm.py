@@ -107,10 +107,11 @@ class InstructionCollator:
     """Batches prompt/response rows for both tokenizers (and spans when the method needs them)."""
 
     def __init__(self, student_tok, teacher_tok, max_length: int, spans: bool, max_spans: int = 1024,
-                 prompt_max_fraction: float = 0.5) -> None:
+                 prompt_max_fraction: float = 0.5, targets=None) -> None:
         self.s_tok, self.t_tok = student_tok, teacher_tok
         self.max_length, self.spans, self.max_spans = max_length, spans, max_spans
         self.prompt_max_fraction = prompt_max_fraction
+        self.targets = targets  # a teacher cache (lmdistill.train.lm_cache.LMTeacherCache): rows need "index"
         self.stats: list[dict] = []
 
     def __call__(self, rows: list[dict]) -> dict:
@@ -136,6 +137,8 @@ class InstructionCollator:
             out.update({"spans_s": torch.from_numpy(al.student), "spans_t": torch.from_numpy(al.teacher),
                         "span_mask": torch.from_numpy(al.mask.astype(np.int64)),
                         "align_ratio": torch.tensor([st["ratio"] for st in al.stats], dtype=torch.float32)})
+        if self.targets is not None:
+            out["teacher_targets"] = self.targets.collate([int(r["index"]) for r in rows], out["span_mask"])
         return out
 
 
@@ -154,8 +157,10 @@ class LMDistillModel(nn.Module):
             teacher.requires_grad_(False)
         self.s_capture = self.t_capture = None
         if method.row_mode is not None:
-            self.s_capture = RowCapture(student, method.student_layers(), method.row_mode)
-            self.t_capture = RowCapture(teacher, method.teacher_layers(), method.row_mode)
+            if student is not None:  # none when building a teacher cache
+                self.s_capture = RowCapture(student, method.student_layers(), method.row_mode)
+            if teacher is not None:  # none when training from a teacher cache
+                self.t_capture = RowCapture(teacher, method.teacher_layers(), method.row_mode)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -176,6 +181,21 @@ class LMDistillModel(nn.Module):
         rows = capture.rows() if capture is not None else {}
         return Side(hidden=hidden, resp=resp, logits=z, rows=rows, input_ids=ids, attention_mask=mask)
 
+    def teacher_pass(self, batch) -> Side:
+        """The teacher's outputs for a batch, as the method asked for them (no gradient)."""
+        m = self.method
+        with torch.no_grad():
+            return self._run(self.teacher, batch["t_input_ids"], batch["t_attention_mask"], batch["t_labels"],
+                             m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False,
+                             query=batch.get("t_last_text"))
+
+    def teacher_heads(self) -> dict:
+        """The teacher's LM head and final norm, for methods that read them."""
+        _, t_head, t_cap = decoder_and_head(self.teacher)
+        return {"teacher_head_weight": t_head.weight, "teacher_norm": final_norm(self.teacher),
+                "teacher_logits": lambda x, ids=None, detach_weight=True: lm_head_logits(t_head, t_cap, x, ids,
+                                                                                         detach_weight)}
+
     def forward(self, **batch):
         m = self.method
         s = self._run(self.student, batch["s_input_ids"], batch["s_attention_mask"], batch["s_labels"],
@@ -184,11 +204,8 @@ class LMDistillModel(nn.Module):
             raise LmdistillError("a batch has no response tokens: check that every row has a non-empty 'output'")
         ce = F.cross_entropy(s.logits.float(), s.resp.target)
         t = None
-        if m.needs_teacher and self.teacher is not None:
-            with torch.no_grad():
-                t = self._run(self.teacher, batch["t_input_ids"], batch["t_attention_mask"], batch["t_labels"],
-                              m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False,
-                              query=batch.get("t_last_text"))
+        if m.needs_teacher and self.teacher is not None and "teacher_targets" not in batch:
+            t = self.teacher_pass(batch)
         _, s_head, s_cap = decoder_and_head(self.student)
         heads = {
             "ce": ce,
@@ -197,15 +214,23 @@ class LMDistillModel(nn.Module):
             "student_logits": lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids, detach_weight),
         }
         if self.teacher is not None:
-            _, t_head, t_cap = decoder_and_head(self.teacher)
-            heads["teacher_head_weight"] = t_head.weight
-            heads["teacher_norm"] = final_norm(self.teacher)
-            heads["teacher_logits"] = lambda x, ids=None, detach_weight=True: lm_head_logits(
-                t_head, t_cap, x, ids, detach_weight)
+            heads.update(self.teacher_heads())
         out = m(batch, s, t, heads)
         if "align_ratio" in batch:
             out["align_ratio"] = batch["align_ratio"].mean()
         return out
+
+
+def training_rows(cfg: Config) -> tuple[list, list]:
+    """``(rows trained on, held-out rows)`` of an LM config, in file order (``data.max_examples``,
+    then ``data.holdout``)."""
+    if not cfg.data.train:
+        raise LmdistillError("data.train is empty: give the instruction JSONL file to train on")
+    rows = []
+    for src in cfg.data.train:
+        rows += read_instructions(resolve_data_path(src, cfg))
+    rows = rows[:cfg.data.max_examples] if cfg.data.max_examples else rows
+    return split_holdout(rows, cfg.data.holdout) if cfg.data.holdout else (rows, [])
 
 
 HOLDOUT_SEED = 0  # the held-out draw does not follow train.seed: every run of a search sees the same split
@@ -292,20 +317,28 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     build_options(cls.Options, cfg.method_args, cfg.method)
     if teacher_needed is None:
         teacher_needed = cls.needs_teacher
-    if not cfg.data.train:
-        raise LmdistillError("data.train is empty: give the instruction JSONL file to train on")
-    rows = []
-    for src in cfg.data.train:
-        rows += read_instructions(resolve_data_path(src, cfg))
-    rows = rows[:cfg.data.max_examples] if cfg.data.max_examples else rows
+    rows, held = training_rows(cfg)
     out_dir = Path(cfg.output_dir)
     evals = {name: resolve_data_path(p, cfg) for name, p in cfg.data.eval.items()}
-    if cfg.data.holdout:
-        rows, held = split_holdout(rows, cfg.data.holdout)
+    if held:
         evals["holdout"] = write_instructions(out_dir / "holdout.jsonl", held)
-    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed)
+    cached = teacher_needed and cfg.data.teacher_cache is not None
+    if cached and not cls.cacheable:
+        raise LmdistillError(f"data.teacher_cache is set, but {cfg.method} cannot train from a teacher cache: "
+                             f"{cls.no_cache_reason}")
+    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed and not cached)
     metrics: dict = {"task": "lm", "method": cfg.method, "teacher": cfg.teacher, "student": cfg.student,
                      "n_train": len(rows), "data_files": data_file_hashes(cfg), "config": cfg.to_dict()}
+    targets = method = None
+    if cached:  # the teacher's tokenizer and config only; its weights load for its reference scores, if asked
+        from lmdistill.train.lm_cache import open_lm_teacher_cache
+
+        t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
+        set_seed(cfg.train.seed)  # projector initialisation is part of the run's seed
+        method = build_method(cfg, student, models.load_causal_config(cfg.teacher, cfg.cache_dir,
+                                                                      cfg.trust_remote_code), s_tok, t_tok)
+        targets = open_lm_teacher_cache(cfg, method, s_tok, t_tok)
+        metrics["teacher_cache"] = targets.summary()
 
     def evaluate(ref_or_model, tok) -> dict:
         res = {}
@@ -327,18 +360,23 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         metrics["before"] = evaluate(student, s_tok)
     if evals and cfg.eval.teacher and teacher is not None:
         metrics["teacher_scores"] = evaluate(teacher, t_tok)
+    elif evals and cfg.eval.teacher and cached:  # loaded for its scores alone, then freed
+        ref = models.load_causal_lm(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code).to(models.default_device())
+        metrics["teacher_scores"] = evaluate(ref.eval(), t_tok)
+        del ref
     set_seed(cfg.train.seed)  # projector initialisation is part of the run's seed
-    method = build_method(cfg, student, teacher, s_tok, t_tok)
+    if method is None:
+        method = build_method(cfg, student, teacher, s_tok, t_tok)
     if cfg.train.lora:
         student = apply_lora(student, cfg.train.lora)
     wrapper = LMDistillModel(student, teacher, method)
     lengths = [min(len(ids), cfg.data.max_length)
                for ids in s_tok([r.prompt + r.response for r in rows])["input_ids"]]
     ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows],
-                            "length": lengths})
+                            "length": lengths, "index": list(range(len(rows)))})
     collator = InstructionCollator(s_tok, t_tok if teacher_needed else None, cfg.data.max_length,
                                    spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024),
-                                   prompt_max_fraction=cfg.data.prompt_max_fraction)
+                                   prompt_max_fraction=cfg.data.prompt_max_fraction, targets=targets)
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
                              data_collator=collator, train_config=cfg.train)
@@ -354,6 +392,8 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     metrics.update({**run, "student_dir": str(student_dir), "method_options": dataclasses.asdict(method.opts)})
     if getattr(method, "shared", None) is not None:
         masses = [e["shared_mass"] for e in run["log_history"] if "shared_mass" in e]
+        if targets is not None:  # measured when the cache was built
+            masses = [targets.manifest["shared_mass"]] if targets.manifest.get("shared_mass") is not None else []
         metrics["shared_vocab"] = {**method.shared_stats,
                                    "teacher_mass_in_shared": round(sum(masses) / len(masses), 6) if masses else None}
         log.info("shared vocabulary: %d pairs (%d with a byte-fallback side); teacher mass inside it %s",

@@ -72,6 +72,10 @@ class LMMethod(nn.Module):
     needs_spans = False
     row_mode: str | None = None  # "last_token" / "received" when attention rows are needed
     row_query: str = "last_text"  # the last-token row's query: the last text token, or "last_token" (the EOS)
+    # trains from a teacher cache: the method then has ``cache_signature()`` and
+    # ``teacher_targets(batch, t, heads, top_k)``, and its forward reads ``batch["teacher_targets"]`` when ``t`` is None
+    cacheable = False
+    no_cache_reason = "it has no cached form yet: train it online (drop data.teacher_cache)"
 
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None) -> None:
         super().__init__()
@@ -89,10 +93,25 @@ class LMMethod(nn.Module):
         raise NotImplementedError
 
 
+def _config(model):
+    """A model's config, or the config itself (a teacher cache trains with the teacher's config only)."""
+    from transformers import PretrainedConfig
+
+    return model if isinstance(model, PretrainedConfig) else base_model(model).config
+
+
 def num_layers(model) -> int:
-    """Number of blocks of a causal LM."""
-    base = base_model(model)
-    return int(base.config.num_hidden_layers)
+    """Number of blocks of a causal LM (or of its config)."""
+    return int(_config(model).num_hidden_layers)
+
+
+def hidden_size(model) -> int:
+    """Width of a causal LM's hidden states (or of its config's)."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return int(model.hidden_size)
+    return int(model.get_input_embeddings().embedding_dim)
 
 
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

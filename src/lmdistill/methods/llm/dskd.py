@@ -62,6 +62,9 @@ class DSKD(LMMethod):
 
     Options = DSKDOptions
     needs_teacher_logits = True
+    no_cache_reason = ("its loss projects the teacher's token-level hidden states and embeddings through modules "
+                       "trained in the loop, so every step needs the teacher's forward pass: train it online "
+                       "(drop data.teacher_cache)")
 
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)

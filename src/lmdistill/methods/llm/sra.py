@@ -23,7 +23,7 @@ from torch import nn
 
 from lmdistill.align.vocab import shared_vocab, shared_vocab_stats
 from lmdistill.errors import LmdistillError
-from lmdistill.methods.llm.base import LMMethod, num_layers
+from lmdistill.methods.llm.base import LMMethod, hidden_size, num_layers
 from lmdistill.models import final_norm
 from lmdistill.registry import register
 
@@ -123,10 +123,27 @@ def span_logit_kl(z_s: torch.Tensor, z_t: torch.Tensor, span_mask: torch.Tensor,
     """``sum over real spans KL(softmax(z_T / tau) || softmax(z_S / tau)) / B`` (``reduction="sum"``,
     as specified), or the mean over each row's real spans, averaged over rows (``"mean"``: the
     term no longer grows with the number of spans, ~100 per Dolly row)."""
-    log_t = F.log_softmax(z_t.float() / tau, dim=-1)
+    return span_logit_kl_to(z_s, F.log_softmax(z_t.float() / tau, dim=-1), None, span_mask, tau, reduction)
+
+
+def span_logit_kl_to(z_s: torch.Tensor, logp_t: torch.Tensor, idx: torch.Tensor | None, span_mask: torch.Tensor,
+                     tau: float, reduction: str = "sum") -> torch.Tensor:
+    """:func:`span_logit_kl` against teacher log-probabilities at ``tau``: over the whole shared
+    vocabulary (``idx`` None, ``logp_t [B, K, V]``), or its top k (``idx``, ``logp_t [B, K, k]``)
+    plus one bucket for the remaining mass, on both sides (what a teacher cache stores)."""
     log_s = F.log_softmax(z_s.float() / tau, dim=-1)
+    logp_t = logp_t.float()
     m = span_mask.to(torch.float32)
-    kl = (log_t.exp() * (log_t - log_s)).sum(-1) * m  # [B, K]
+    if idx is None:
+        kl = (logp_t.exp() * (logp_t - log_s)).sum(-1)
+    else:
+        ls = log_s.gather(-1, idx.long())
+        p = logp_t.exp()
+        kl = (p * (logp_t - ls)).sum(-1)
+        rest_t = (1 - p.sum(-1)).clamp_min(0)
+        rest_s = (1 - ls.exp().sum(-1)).clamp_min(1e-12)
+        kl = kl + torch.where(rest_t > 0, rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log()), 0.0)
+    kl = kl * m  # [B, K]
     if reduction == "mean":
         return (kl.sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
     return kl.sum() / z_s.size(0)
@@ -138,6 +155,7 @@ class SRA(LMMethod):
 
     Options = SRAOptions
     needs_spans = True
+    cacheable = True  # trains from a teacher cache (lmdistill.train.lm_cache) as well as online
 
     def __init__(self, opts: SRAOptions, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)
@@ -160,8 +178,7 @@ class SRA(LMMethod):
         self.pairs = pairs
         self.row_mode = None if opts.weighting == "uniform" else opts.weighting
         self.row_query = opts.query_at
-        d_s = student.get_input_embeddings().embedding_dim
-        d_t = teacher.get_input_embeddings().embedding_dim
+        d_s, d_t = hidden_size(student), hidden_size(teacher)
         self.projectors = nn.ModuleList(nn.Linear(d_s, d_t, bias=False) for _ in pairs)
         for proj in self.projectors:
             (nn.init.orthogonal_ if opts.projector_init == "orthogonal" else nn.init.xavier_uniform_)(proj.weight)
@@ -171,7 +188,7 @@ class SRA(LMMethod):
         self.norm_s = self.norm_t = False
         if opts.w_logit > 0:
             for side, model, layer, n in (("student", student, pairs[-1][0], ns), ("teacher", teacher, pairs[-1][1], nt)):
-                if layer != n and final_norm(model) is None:
+                if layer != n and isinstance(model, nn.Module) and final_norm(model) is None:
                     raise LmdistillError(
                         f"sra: the span logit term reads the {side}'s LM head at layer {layer} of {n}, and its "
                         "final norm could not be found: end layer_pairs at the final layers, or set method_args.w_logit=0"
@@ -202,20 +219,57 @@ class SRA(LMMethod):
     def teacher_layers(self) -> list[int]:
         return sorted({lt for _, lt in self.pairs})
 
+    def cache_signature(self) -> dict:
+        """What the teacher targets depend on among the options (part of a teacher cache's key)."""
+        o = self.opts
+        return {"pairs": [list(p) for p in self.pairs], "weighting": o.weighting, "query_at": o.query_at,
+                "max_spans": o.max_spans, "logit": o.w_logit > 0, "tau": o.tau if o.w_logit > 0 else None,
+                "vocab_match": o.vocab_match if o.w_logit > 0 else None, "shared": self.shared}
+
+    def teacher_targets(self, batch, t, heads, top_k: int | None = None) -> dict[str, torch.Tensor]:
+        """Everything the loss needs from the teacher, per span (no gradient): ``com [B, P, K, d]``
+        (each pair's span CoMs), ``mass [B, P, K]`` and, with the span logit term, ``logp``: the
+        teacher's span log-probabilities at ``tau`` over the shared vocabulary (``[B, K, V]``, or
+        its top ``top_k`` with their indices ``idx``). A teacher cache stores exactly these."""
+        o = self.opts
+        span_mask = batch["span_mask"]
+        Mt = span_matrix(batch["spans_t"], span_mask, batch["t_input_ids"].size(1))
+        coms, masses = [], []
+        with torch.no_grad():
+            for _, lt in self.pairs:
+                wt = token_weights(t.rows.get(lt), t.attention_mask, o.weighting)
+                ct, mt = span_com(t.hidden[lt], wt, Mt)
+                coms.append(ct)
+                masses.append(mt)
+            out = {"com": torch.stack(coms, 1), "mass": torch.stack(masses, 1)}
+            if o.w_logit > 0:
+                c_t = coms[-1]
+                if self.norm_t:
+                    c_t = heads["teacher_norm"](c_t.to(heads["teacher_head_weight"].dtype))
+                z_t = heads["teacher_logits"](c_t, self.shared_t)
+                logp = F.log_softmax(z_t.float() / o.tau, dim=-1)
+                if top_k is not None and top_k < logp.size(-1):
+                    out["logp"], out["idx"] = logp.topk(top_k, dim=-1)
+                else:
+                    out["logp"] = logp
+                if self._calls % MASS_EVERY == 0:
+                    out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t, span_mask)
+        self._calls += 1
+        return out
+
     def forward(self, batch, s, t, heads):
         o = self.opts
         span_mask = batch["span_mask"]
+        # from a teacher cache, or from the teacher's forward pass of this step
+        tg = batch["teacher_targets"] if t is None else self.teacher_targets(batch, t, heads)
         Ms = span_matrix(batch["spans_s"], span_mask, batch["s_input_ids"].size(1))
-        Mt = span_matrix(batch["spans_t"], span_mask, batch["t_input_ids"].size(1))
         coms_s, coms_t, Ws = [], [], []
-        for ls, lt in self.pairs:
+        for p, (ls, _) in enumerate(self.pairs):
             ws = token_weights(s.rows.get(ls), s.attention_mask, o.weighting)
-            wt = token_weights(t.rows.get(lt), t.attention_mask, o.weighting)
             cs, _ = span_com(s.hidden[ls], ws, Ms)
-            ct, mt = span_com(t.hidden[lt], wt, Mt)
             coms_s.append(cs)
-            coms_t.append(ct.detach())
-            Ws.append(span_weights(mt, span_mask, o.p, uniform=o.span_weighting == "uniform").detach())
+            coms_t.append(tg["com"][:, p].float())
+            Ws.append(span_weights(tg["mass"][:, p].float(), span_mask, o.p, uniform=o.span_weighting == "uniform"))
         if o.span_weights_from == "last_pair":
             Ws = [Ws[-1]] * len(Ws)
         W = Ws[-1]  # the geometric and span logit terms live at the last pair
@@ -233,18 +287,13 @@ class SRA(LMMethod):
             out["geo"] = geometric_loss(coms_s[-1], coms_t[-1], W, span_mask)
             distill = distill + o.lambda_geo * out["geo"]
         if o.w_logit > 0:
-            c_s, c_t = coms_s[-1], coms_t[-1]
+            c_s = coms_s[-1]
             if self.norm_s:
                 c_s = heads["student_norm"](c_s.to(heads["student_head_weight"].dtype))
             z_s = heads["student_logits"](c_s, self.shared_s)
-            with torch.no_grad():
-                if self.norm_t:
-                    c_t = heads["teacher_norm"](c_t.to(heads["teacher_head_weight"].dtype))
-                z_t = heads["teacher_logits"](c_t, self.shared_t)
-                if self._calls % MASS_EVERY == 0:
-                    out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t, span_mask)
-            self._calls += 1
-            out["logit"] = span_logit_kl(z_s, z_t, span_mask, o.tau, o.logit_reduction)
+            if "shared_mass" in tg:
+                out["shared_mass"] = tg["shared_mass"]
+            out["logit"] = span_logit_kl_to(z_s, tg["logp"], tg.get("idx"), span_mask, o.tau, o.logit_reduction)
             distill = distill + o.w_logit * out["logit"]
         out["loss"] = o.alpha * heads["ce"] + (1 - o.alpha) * distill
         return out
