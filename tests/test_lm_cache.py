@@ -153,7 +153,40 @@ def test_a_killed_build_resumes_and_gives_the_same_cache(llama_lm, gpt2_lm, inst
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method,why", [("dskd", "hidden states"), ("uld", "no cached form yet")])
+@pytest.mark.parametrize("method,terms", [("uld", ("ce", "uld")), ("mined", ("ce", "kl")),
+                                          ("multilevel_ot", ("ce", "token", "seq", "ot"))])
+def test_token_level_baselines_from_the_cache_equal_online(method, terms, llama_lm, gpt2_lm, instructions_file,
+                                                           tmp_path, request):
+    """ULD, MinED and MultiLevelOT read the teacher's response logits: from a float32 cache of all
+    of them, training equals online; from the top 32 + the rest spread evenly, it stays close."""
+    m = [f"method={method}", "method_args={}"]
+    online = run_lm(_cfg(llama_lm, gpt2_lm, instructions_file, tmp_path / "online", *m), progress=False)
+    topk, _ = _cached_run(llama_lm, gpt2_lm, instructions_file, tmp_path, "topk", *m, "data.teacher_top_k=32")
+    assert all(b["ce"] == pytest.approx(a["ce"], rel=1e-2) for a, b in zip(_terms(online), _terms(topk)))
+    cached, _ = _cached_run(llama_lm, gpt2_lm, instructions_file, tmp_path, "cached", *m, "data.teacher_top_k=null",
+                            "data.teacher_cache_dtype=float32",
+                            guard=lambda: request.getfixturevalue("no_teacher_weights"))
+    for a, b in zip(_terms(online), _terms(cached), strict=True):
+        for k in ("loss", *terms):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), (k, a, b)
+    assert torch.allclose(_params(tmp_path / "online" / "student"), _params(tmp_path / "cached" / "student"),
+                          rtol=1e-5, atol=1e-6)
+
+
+def test_logits_rebuilt_from_the_top_k_keep_their_probabilities_and_total():
+    from lmdistill.methods.llm.base import logits_from_targets, token_logit_targets
+
+    z = torch.randn(6, 100) * 3
+    tg = token_logit_targets(z, 10)
+    back = logits_from_targets(tg, 100)
+    p, q = z.softmax(-1), back.softmax(-1)
+    top = tg["idx"]
+    assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=1e-6)  # the top k exactly
+    assert torch.allclose(back.logsumexp(-1), z.logsumexp(-1), atol=1e-5)
+    assert torch.equal(logits_from_targets(token_logit_targets(z, None), 100), z)
+
+
+@pytest.mark.parametrize("method,why", [("dskd", "hidden states")])
 def test_methods_without_a_cached_form_are_refused_clearly(method, why, llama_lm, gpt2_lm, instructions_file,
                                                            tmp_path):
     cfg = _cfg(llama_lm, gpt2_lm, instructions_file, tmp_path, f"method={method}", "method_args={}",

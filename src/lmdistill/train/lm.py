@@ -29,7 +29,7 @@ from lmdistill.config import Config, build_options, resolve_data_path
 from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.attention import RowCapture
-from lmdistill.methods.llm.base import Response, Side, num_layers
+from lmdistill.methods.llm.base import Response, Side, logits_from_targets, num_layers
 from lmdistill.models import decoder_and_head, final_norm, lm_head_logits
 from lmdistill.registry import get_method
 from lmdistill.report.card import data_file_hashes
@@ -138,7 +138,7 @@ class InstructionCollator:
                         "span_mask": torch.from_numpy(al.mask.astype(np.int64)),
                         "align_ratio": torch.tensor([st["ratio"] for st in al.stats], dtype=torch.float32)})
         if self.targets is not None:
-            out["teacher_targets"] = self.targets.collate([int(r["index"]) for r in rows], out["span_mask"])
+            out["teacher_targets"] = self.targets.collate([int(r["index"]) for r in rows], out)
         return out
 
 
@@ -206,6 +206,11 @@ class LMDistillModel(nn.Module):
         t = None
         if m.needs_teacher and self.teacher is not None and "teacher_targets" not in batch:
             t = self.teacher_pass(batch)
+        elif "teacher_targets" in batch and m.cache_form == "token_logits":  # the teacher's logits from its cache
+            tg = batch["teacher_targets"]
+            t = Side(hidden={}, resp=Response.from_labels(batch["t_labels"]),
+                     logits=logits_from_targets(tg, int(tg["vocab"])), input_ids=batch["t_input_ids"],
+                     attention_mask=batch["t_attention_mask"])
         _, s_head, s_cap = decoder_and_head(self.student)
         heads = {
             "ce": ce,
@@ -323,7 +328,7 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     if held:
         evals["holdout"] = write_instructions(out_dir / "holdout.jsonl", held)
     cached = teacher_needed and cfg.data.teacher_cache is not None
-    if cached and not cls.cacheable:
+    if cached and cls.cache_form is None:
         raise LmdistillError(f"data.teacher_cache is set, but {cfg.method} cannot train from a teacher cache: "
                              f"{cls.no_cache_reason}")
     student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed and not cached)

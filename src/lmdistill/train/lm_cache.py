@@ -113,7 +113,7 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
     from lmdistill.train.lm import InstructionCollator, LMDistillModel, training_rows
 
     cls = get_method(cfg.method, "lm")
-    if not cls.cacheable:
+    if cls.cache_form is None:
         raise LmdistillError(f"{cfg.method} cannot train from a teacher cache: {cls.no_cache_reason}")
     rows, _ = training_rows(cfg)
     method, teacher, s_tok, t_tok = _method_and_tokenizers(cfg)
@@ -151,15 +151,12 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
             if "shared_mass" in tg:
                 manifest["mass_sum"] += float(tg["shared_mass"]) * len(idx)
                 manifest["mass_n"] += len(idx)
-            n_spans = batch["span_mask"].sum(1).tolist()
-            for j, i in enumerate(idx):
-                n = int(n_spans[j])
-                for name, val in tg.items():
-                    if name == "shared_mass":
-                        continue
-                    row = val[j, :, :n] if name in ("com", "mass") else val[j, :n]
-                    store = torch.int32 if name == "idx" else (torch.float32 if name == "mass" else dtype)
-                    tensors[f"{i}.{name}"] = row.to(store).contiguous().cpu()
+            for i, row in zip(idx, _rows_of(method.cache_form, tg, batch)):
+                for name, val in row.items():
+                    store = torch.int32 if name == "idx" else (torch.float32 if name in ("mass", "lse") else dtype)
+                    tensors[f"{i}.{name}"] = val.to(store).contiguous().cpu()
+            if method.cache_form == "token_logits":
+                manifest["vocab"] = int(heads["teacher_head_weight"].shape[0])
             bar.update(len(idx))
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         tmp = folder / (name + ".tmp")
@@ -176,6 +173,27 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
     log.info("teacher cache %s: %d rows, %.1f MB (%.0f KB per row)", folder, len(rows), manifest["bytes"] / 2**20,
              manifest["bytes"] / max(len(rows), 1) / 1024)
     return folder
+
+
+def _rows_of(form: str, tg: dict, batch: dict) -> list[dict[str, torch.Tensor]]:
+    """A batch's targets cut into its rows: spans (``[B, P, K, ...]`` / ``[B, K, ...]``, each row's
+    real spans) or response positions (flat ``[N, ...]`` in (row, position) order)."""
+    tg = {k: v for k, v in tg.items() if k != "shared_mass"}
+    if form == "spans":
+        n = batch["span_mask"].sum(1).tolist()
+        return [{k: (v[j, :, :int(n[j])] if k in ("com", "mass") else v[j, :int(n[j])]) for k, v in tg.items()}
+                for j in range(len(n))]
+    counts = _response_counts(batch).tolist()
+    out, start = [], 0
+    for c in counts:
+        out.append({k: v[start:start + c] for k, v in tg.items()})
+        start += c
+    return out
+
+
+def _response_counts(batch: dict) -> torch.Tensor:
+    """Teacher response positions per row (the positions whose next token is a response token)."""
+    return (batch["t_labels"][:, 1:] != -100).sum(1)
 
 
 class LMTeacherCache:
@@ -199,11 +217,23 @@ class LMTeacherCache:
             self.names = sorted({k.split(".", 1)[1] for k in h.keys()})
         return {n: h.get_tensor(f"{i}.{n}") for n in self.names}
 
-    def collate(self, indices: list[int], span_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The targets of a batch, padded to its ``span_mask``'s ``K``; each row's span count is
-        checked against the cache's (a mismatch means the spans are not the ones cached)."""
-        K = span_mask.size(1)
+    def collate(self, indices: list[int], batch: dict) -> dict[str, torch.Tensor]:
+        """The targets of a batch: span targets padded to its ``span_mask``'s ``K``, or token
+        targets concatenated in (row, position) order. Each row's count of spans (or response
+        positions) is checked against the cache's: a mismatch means a stale cache."""
         rows = [self.row(i) for i in indices]
+        if "span_mask" not in batch:
+            counts = _response_counts(batch).tolist()
+            for i, (r, c) in enumerate(zip(rows, counts)):
+                if r["logits"].size(0) != c:
+                    raise LmdistillError(
+                        f"teacher cache {self.folder}: row {indices[i]} has {r['logits'].size(0)} response positions "
+                        f"cached but {c} now: the cache is stale; rebuild it (lmdistill cache CONFIG)")
+            out = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
+            out["vocab"] = torch.tensor(self.manifest["vocab"])
+            return out
+        span_mask = batch["span_mask"]
+        K = span_mask.size(1)
         out = {}
         for name in rows[0]:
             span_dim = 1 if name in ("com", "mass") else 0

@@ -72,10 +72,19 @@ class LMMethod(nn.Module):
     needs_spans = False
     row_mode: str | None = None  # "last_token" / "received" when attention rows are needed
     row_query: str = "last_text"  # the last-token row's query: the last text token, or "last_token" (the EOS)
-    # trains from a teacher cache: the method then has ``cache_signature()`` and
-    # ``teacher_targets(batch, t, heads, top_k)``, and its forward reads ``batch["teacher_targets"]`` when ``t`` is None
-    cacheable = False
-    no_cache_reason = "it has no cached form yet: train it online (drop data.teacher_cache)"
+    # what a teacher cache stores for the method (lmdistill.train.lm_cache): "spans" (the method's own
+    # ``teacher_targets``, read back as ``batch["teacher_targets"]`` with ``t`` None), "token_logits" (the
+    # teacher's response-position logits, top k + the rest, rebuilt into ``t.logits``), or None (online only)
+    cache_form: str | None = None
+    no_cache_reason = "it has no cached form: train it online (drop data.teacher_cache)"
+
+    def cache_signature(self) -> dict:
+        """The options that shape what a teacher cache stores (part of its key)."""
+        return {"form": self.cache_form}
+
+    def teacher_targets(self, batch, t, heads, top_k: int | None = None) -> dict[str, torch.Tensor]:
+        """What a teacher cache stores for a batch ("token_logits": see :func:`token_logit_targets`)."""
+        return token_logit_targets(t.logits, top_k)
 
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None) -> None:
         super().__init__()
@@ -112,6 +121,39 @@ def hidden_size(model) -> int:
     if isinstance(model, PretrainedConfig):
         return int(model.hidden_size)
     return int(model.get_input_embeddings().embedding_dim)
+
+
+def vocab_rows(model) -> int:
+    """Rows of a causal LM's output layer (or its config's vocabulary size); may exceed the tokenizer's."""
+    from transformers import PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return int(model.vocab_size)
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def token_logit_targets(logits: torch.Tensor, top_k: int | None) -> dict[str, torch.Tensor]:
+    """The teacher's response-position logits as a cache stores them: all of them (``logits [N, V]``),
+    or the top k (``logits``, ``idx [N, k]``) with the logsumexp over the whole vocabulary (``lse [N]``)."""
+    z = logits.float()
+    if top_k is None or top_k >= z.size(-1):
+        return {"logits": z}
+    vals, idx = z.topk(top_k, dim=-1)
+    return {"logits": vals, "idx": idx, "lse": z.logsumexp(-1)}
+
+
+def logits_from_targets(tg: dict[str, torch.Tensor], vocab: int) -> torch.Tensor:
+    """``[N, V]`` teacher logits back from :func:`token_logit_targets`: exact for all of them; for the
+    top k, the remaining probability mass is spread evenly over the other ``V - k`` entries (so the
+    softmax keeps the top k's probabilities and the total)."""
+    z = tg["logits"].float()
+    if "idx" not in tg:
+        return z
+    lse = tg["lse"].float()
+    rest = (1 - (z - lse[:, None]).exp().sum(-1)).clamp_min(1e-30)
+    fill = lse + (rest / max(vocab - z.size(-1), 1)).log()
+    out = fill[:, None].expand(-1, vocab).clone()
+    return out.scatter_(1, tg["idx"].long(), z)
 
 
 def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:

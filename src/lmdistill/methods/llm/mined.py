@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmdistill.align.vocab import dtw, edit_distance_map, token_strings
-from lmdistill.methods.llm.base import LMMethod
+from lmdistill.methods.llm.base import LMMethod, vocab_rows
 from lmdistill.registry import register
 
 
@@ -38,17 +38,18 @@ class MinED(LMMethod):
 
     Options = MinEDOptions
     needs_teacher_logits = True
+    cache_form = "token_logits"  # trains from a teacher cache of its response-position logits
 
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)
         vmap = torch.as_tensor(edit_distance_map(student_tokenizer, teacher_tokenizer, cache_dir))
-        v_t = teacher.get_output_embeddings().weight.shape[0]  # the model's rows may differ from the tokenizer's
+        v_t = vocab_rows(teacher)  # the model's rows may differ from the tokenizer's
         if len(vmap) < v_t:
             vmap = torch.cat([vmap, vmap.new_full((v_t - len(vmap),), int(vmap[0]))])
         self.register_buffer("vmap", vmap[:v_t].clone(), persistent=False)
         self.s_str = token_strings(student_tokenizer)
         self.t_str = token_strings(teacher_tokenizer)
-        self.v_student = student.get_output_embeddings().weight.shape[0]
+        self.v_student = vocab_rows(student)
 
     def forward(self, batch, s, t, heads):
         o = self.opts

@@ -62,6 +62,7 @@ class MultiLevelOT(LMMethod):
 
     Options = MultiLevelOTOptions
     needs_teacher_logits = True
+    cache_form = "token_logits"  # trains from a teacher cache of its response-position logits
 
     def forward(self, batch, s, t, heads):
         o = self.opts

@@ -155,7 +155,7 @@ class SRA(LMMethod):
 
     Options = SRAOptions
     needs_spans = True
-    cacheable = True  # trains from a teacher cache (lmdistill.train.lm_cache) as well as online
+    cache_form = "spans"  # trains from a teacher cache of its span targets (lmdistill.train.lm_cache)
 
     def __init__(self, opts: SRAOptions, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None):
         super().__init__(opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir)
@@ -222,9 +222,10 @@ class SRA(LMMethod):
     def cache_signature(self) -> dict:
         """What the teacher targets depend on among the options (part of a teacher cache's key)."""
         o = self.opts
-        return {"pairs": [list(p) for p in self.pairs], "weighting": o.weighting, "query_at": o.query_at,
-                "max_spans": o.max_spans, "logit": o.w_logit > 0, "tau": o.tau if o.w_logit > 0 else None,
-                "vocab_match": o.vocab_match if o.w_logit > 0 else None, "shared": self.shared}
+        return {"form": self.cache_form, "pairs": [list(p) for p in self.pairs], "weighting": o.weighting,
+                "query_at": o.query_at, "max_spans": o.max_spans, "logit": o.w_logit > 0,
+                "tau": o.tau if o.w_logit > 0 else None, "vocab_match": o.vocab_match if o.w_logit > 0 else None,
+                "shared": self.shared}
 
     def teacher_targets(self, batch, t, heads, top_k: int | None = None) -> dict[str, torch.Tensor]:
         """Everything the loss needs from the teacher, per span (no gradient): ``com [B, P, K, d]``

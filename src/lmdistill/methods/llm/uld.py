@@ -45,6 +45,7 @@ class ULD(LMMethod):
 
     Options = ULDOptions
     needs_teacher_logits = True
+    cache_form = "token_logits"  # trains from a teacher cache of its response-position logits
 
     def forward(self, batch, s, t, heads):
         o = self.opts
