@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmdistill import models  # noqa: E402
 from lmdistill.align.spans import align_batch  # noqa: E402
 from lmdistill.config import resolve_data_path  # noqa: E402
+from lmdistill.data.collate import encode_batch  # noqa: E402
 from lmdistill.data.readers import read_instructions  # noqa: E402
 from lmdistill.report.records import environment  # noqa: E402
-from lmdistill.train.lm import encode_batch  # noqa: E402
 
 PAIRS = [("pkg:smollm2-135m-instruct", "pkg:gemma-3-270m")]
 

@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lmdistill import models  # noqa: E402
 from lmdistill.config import data_dir  # noqa: E402
+from lmdistill.data.collate import encode_batch  # noqa: E402
 from lmdistill.data.readers import read_instructions  # noqa: E402
 from lmdistill.report.records import environment  # noqa: E402
-from lmdistill.train.lm import encode_batch  # noqa: E402
 
 FILES = {"dolly_train": "minillm_eval/dolly/dev.jsonl", "dolly_valid": "minillm_eval/dolly/valid.jsonl",
          "sni": "minillm_eval/sinst/11_/valid.jsonl"}

@@ -228,8 +228,8 @@ def test_backends_agree_on_odd_offsets():
 def test_backends_agree_on_dolly():
     """Both backends on 96 real Dolly rows (long responses, hundreds of tokens), SmolLM2 / Gemma-3
     tokenizers, in batches as the collator makes them, cut at 256 tokens and whole."""
+    from lmdistill.data.collate import encode_batch
     from lmdistill.data.readers import read_instructions
-    from lmdistill.train.lm import encode_batch
 
     rows = read_instructions(tiny.DATA / "minillm_eval" / "dolly" / "valid.jsonl", 96)
     s_tok, t_tok = real_pair()

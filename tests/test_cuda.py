@@ -35,7 +35,7 @@ def test_lm_method_on_cuda_in_bf16(method, gpt2_lm, llama_lm, instructions_file)
 def test_attention_rows_match_eager_on_cuda(dtype, atol):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from lmdistill.methods.llm.attention import RowCapture
+    from lmdistill.models.attention import RowCapture
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

@@ -7,12 +7,13 @@ from transformers import AutoModelForCausalLM
 
 from lmdistill import models
 from lmdistill.config import build_options, load_config
+from lmdistill.data.collate import InstructionCollator, encode_batch
 from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.multilevel_ot import sinkhorn_cost, topk_by_mass
 from lmdistill.methods.llm.uld import sorted_l1
 from lmdistill.registry import get_method, list_methods
-from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method, encode_batch
+from lmdistill.train.lm import LMDistillModel, build_method
 
 
 def test_sorted_l1_by_hand():

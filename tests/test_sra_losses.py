@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lmdistill.methods.llm.attention import RowCapture
 from lmdistill.methods.llm.sra import (
     default_layer_pairs,
     geometric_loss,
@@ -15,6 +14,7 @@ from lmdistill.methods.llm.sra import (
     token_weights,
     weighted_cosine_loss,
 )
+from lmdistill.models.attention import RowCapture
 
 
 def test_token_weights_modes():

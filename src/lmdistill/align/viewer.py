@@ -75,9 +75,9 @@ def teacher_span_weights(model, tokenizer, text: str, spans_t: np.ndarray) -> np
     """SRA's span weights ``W_k`` for one text: the teacher's final-layer attention row at its
     last text token, summed over heads, normalised over the real tokens, summed per span,
     normalised over the spans (docs/methods.md 1.2-1.3)."""
-    from lmdistill.methods.llm.attention import RowCapture
     from lmdistill.methods.llm.base import num_layers
     from lmdistill.methods.llm.sra import span_matrix, span_weights, token_weights
+    from lmdistill.models.attention import RowCapture
 
     ids, offsets, keep = encode_with_offsets(tokenizer, text)
     real = np.flatnonzero(keep & (offsets[:, 1] > offsets[:, 0]))

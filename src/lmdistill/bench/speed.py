@@ -37,9 +37,10 @@ def _recipe_optimizer(method: str, pair: str) -> str:
 
 
 def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
+    from lmdistill.data.collate import InstructionCollator
     from lmdistill.data.readers import read_instructions
     from lmdistill.methods.llm.sft import SFT
-    from lmdistill.train.lm import InstructionCollator, LMDistillModel, build_method, load_lm_pair
+    from lmdistill.train.lm import LMDistillModel, build_method, load_lm_pair
 
     name = "sft" if floor else method
     extra = [f"method={name}"] + ([] if name == "sra" else ["method_args={}"])  # the config holds SRA's options

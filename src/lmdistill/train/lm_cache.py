@@ -109,8 +109,9 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
     """Run the teacher over the training rows once and store the method's targets (resumes)."""
     from tqdm.auto import tqdm
 
+    from lmdistill.data.collate import InstructionCollator
     from lmdistill.registry import get_method
-    from lmdistill.train.lm import InstructionCollator, LMDistillModel, training_rows
+    from lmdistill.train.lm import LMDistillModel, training_rows
 
     cls = get_method(cfg.method, "lm")
     if cls.cache_form is None:
