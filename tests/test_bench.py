@@ -12,14 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_speed_benchmark_json(gpt2_lm, llama_lm, instructions_file):
-    r = subprocess.run([sys.executable, "-m", "lmdistill", "bench", "speed", "--pair", "lm", "--methods", "sra,uld,sft+gc",
+    r = subprocess.run([sys.executable, "-m", "lmdistill", "bench", "speed", "--pair", "lm", "--methods",
+                        "sft,sra,sra+cache,uld+cache,sft+gc",
                         "--steps", "2", "--json", "--set", f"student={gpt2_lm}", "--set", f"teacher={llama_lm}",
                         "--set", f"data.train=[{instructions_file}]"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     res = json.loads(lines[0])
-    assert set(res["methods"]) == {"sra", "uld", "sft+gc"}
+    assert set(res["methods"]) == {"sft", "sra", "sra+cache", "uld+cache", "sft+gc"}
+    assert all(m["ratio_to_sft"] > 0 and m["peak_to_sft"] > 0 for m in res["methods"].values())
     assert res["floor"]["s_per_step"] > 0 and res["floor"]["peak_mb"] > 0
     for m in res["methods"].values():
         assert m["ratio"] > 0 and m["peak_mb"] > 0 and m["s_per_step_sd"] is not None and m["s_min"] <= m["s_max"]

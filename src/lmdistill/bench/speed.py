@@ -22,7 +22,8 @@ import torch
 
 from lmdistill.config import load_config, resolve_data_path
 
-LM_METHODS = ["sft", "sft+gc", "sra", "uld", "mined", "dskd", "multilevel_ot"]
+LM_METHODS = ["sft", "sft+gc", "sra", "sra+cache", "uld", "uld+cache", "mined", "mined+cache", "dskd",
+              "multilevel_ot", "multilevel_ot+cache"]
 EMB_METHODS = ["talas", "embed_kd", "all_layer", "rkd", "stella"]
 PRESETS = {
     "cpu": {
@@ -36,7 +37,12 @@ def _recipe_optimizer(method: str, pair: str) -> str:
     return "asam" if (pair == "embedding" and method == "talas") else "adamw"
 
 
-def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
+def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool, targets: str | None = None):
+    """The wrapper, one fixed batch and the config. ``targets``: a file of the batch's teacher
+    targets (as a teacher cache stores them): the teacher's weights are then not loaded."""
+    from safetensors.torch import load_file
+
+    from lmdistill import models
     from lmdistill.data.collate import InstructionCollator
     from lmdistill.data.readers import read_instructions
     from lmdistill.methods.llm.sft import SFT
@@ -45,9 +51,12 @@ def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
     name = "sft" if floor else method
     extra = [f"method={name}"] + ([] if name == "sra" else ["method_args={}"])  # the config holds SRA's options
     cfg = load_config(PRESETS_CFG["lm"], cfg_overrides + extra)
-    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed=True)
+    student, teacher, s_tok, t_tok = load_lm_pair(cfg, teacher_needed=targets is None)
+    if targets is not None:
+        t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
+        teacher_ref = models.load_causal_config(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
     torch.manual_seed(0)
-    m = build_method(cfg, student, teacher, s_tok, t_tok)
+    m = build_method(cfg, student, teacher if targets is None else teacher_ref, s_tok, t_tok)
     if floor:
         m.needs_teacher = True  # SFT plus the teacher forward (no LM head): the floor
         assert isinstance(m, SFT)
@@ -56,7 +65,27 @@ def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool):
     batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs_spans,
                                 prompt_max_fraction=cfg.data.prompt_max_fraction)(
         [{"prompt": r.prompt, "response": r.response} for r in rows])
+    if targets is not None:
+        batch["teacher_targets"] = load_file(targets)
     return wrapper, batch, cfg
+
+
+def _write_targets(overrides: list[str], method: str, path: str) -> None:
+    """The fixed batch's teacher targets, computed once and stored as a teacher cache stores them."""
+    from safetensors.torch import save_file
+
+    from lmdistill.train.lm_cache import DTYPES
+
+    wrapper, batch, cfg = _lm_step_fn(overrides, method, False)
+    with torch.no_grad():
+        tg = wrapper.method.teacher_targets(batch, wrapper.teacher_pass(batch), wrapper.teacher_heads(),
+                                            cfg.data.teacher_top_k)
+    dtype = DTYPES[cfg.data.teacher_cache_dtype]
+    out = {k: v.to(torch.int32 if k == "idx" else (torch.float32 if k in ("mass", "lse") else dtype)).contiguous()
+           for k, v in tg.items() if k != "shared_mass"}
+    if wrapper.method.cache_form == "token_logits":
+        out["vocab"] = torch.tensor(int(wrapper.teacher_heads()["teacher_head_weight"].shape[0]))
+    save_file(out, path)
 
 
 def _emb_step_fn(cfg_overrides: list[str], method: str, floor: bool):
@@ -97,18 +126,30 @@ PRESETS_CFG = {k: config_path(v["config"]) for k, v in PRESETS["cpu"].items()}
 
 
 GC = "+gc"  # a method name with this suffix runs with train.gradient_checkpointing=true (e.g. sft+gc)
+CACHE = "+cache"  # ... with this one, from its teacher targets as a cache holds them (no teacher in memory)
 
 
-def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str]) -> dict:
+def _base_name(method: str) -> str:
+    return method.removesuffix(GC).removesuffix(CACHE)
+
+
+def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str], targets: str | None = None) -> dict:
     from lmdistill.optim import ASAM
 
     if method.endswith(GC):
         method, overrides = method[: -len(GC)], list(overrides) + ["train.gradient_checkpointing=true"]
-    build = _lm_step_fn if pair == "lm" else _emb_step_fn
-    wrapper, batch, cfg = build(overrides, method, floor)
+    method = method.removesuffix(CACHE)
+    if pair == "lm":
+        wrapper, batch, cfg = _lm_step_fn(overrides, method, floor, targets)
+    else:
+        wrapper, batch, cfg = _emb_step_fn(overrides, method, floor)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     wrapper.to(device)
-    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def to(v):
+        return {k: to(x) for k, x in v.items()} if isinstance(v, dict) else v.to(device)
+
+    batch = {k: to(v) for k, v in batch.items()}
     wrapper.train()
     params = [p for p in wrapper.parameters() if p.requires_grad]
     opt_name = "adamw" if floor else _recipe_optimizer(method, pair)
@@ -144,19 +185,19 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
             "optimizer": opt_name, "batch": int(batch[next(iter(batch))].shape[0])}
 
 
-def _child(q, *args):
+def _child(q, fn, *args):
     try:
-        q.put(("ok", _measure(*args)))
+        q.put(("ok", fn(*args)))
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         q.put(("error", f"{type(exc).__name__}: {exc}"))
 
 
-def _run_isolated(*args) -> dict:
+def _run_isolated(*args, fn=_measure) -> dict:
     if torch.cuda.is_available():
-        return _measure(*args)
+        return fn(*args)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, *args))
+    p = ctx.Process(target=_child, args=(q, fn, *args))
     p.start()
     status, value = q.get()
     p.join()
@@ -170,18 +211,35 @@ def _run_isolated(*args) -> dict:
 def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3, preset: str = "cpu",
                     overrides: list[str] | None = None) -> dict:
     """The ``lmdistill bench speed`` result: the floor and every method, with ratios."""
+    import tempfile
+    from pathlib import Path
+
+    from lmdistill.errors import LmdistillError
     from lmdistill.registry import get_method
 
     methods = methods or (LM_METHODS if pair == "lm" else EMB_METHODS)
     for m in methods:
-        get_method(m.removesuffix(GC), "lm" if pair == "lm" else "embedding")
+        cls = get_method(_base_name(m), "lm" if pair == "lm" else "embedding")
+        if m.endswith(CACHE) and (pair != "lm" or cls.cache_form is None):
+            raise LmdistillError(f"{m}: {_base_name(m)} has no teacher cache (the embedding side always caches; "
+                                 "DSKD and SFT have none)")
     p = PRESETS[preset][pair]
     ov = [f"train.batch_size={p['batch']}", f"data.max_length={p['max_length']}"] + list(overrides or [])
     floor = _run_isolated(pair, "floor", True, steps, ov)
     out = {"pair": pair, "steps": steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
            "floor": floor, "methods": {}}
-    for m in methods:
-        r = _run_isolated(pair, m, False, steps, ov)
-        r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
-        out["methods"][m] = r
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            targets = None
+            if m.endswith(CACHE):  # the targets first, in a process of their own (the teacher's memory stays there)
+                targets = str(Path(tmp) / f"{_base_name(m)}.safetensors")
+                _run_isolated(ov, _base_name(m), targets, fn=_write_targets)
+            r = _run_isolated(pair, m, False, steps, ov, targets)
+            r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
+            out["methods"][m] = r
+    sft = out["methods"].get("sft")
+    if sft:  # a cached method's cost against the student's SFT step (the least it can cost)
+        for r in out["methods"].values():
+            r["ratio_to_sft"] = round(r["s_per_step"] / sft["s_per_step"], 3)
+            r["peak_to_sft"] = round(r["peak_mb"] / sft["peak_mb"], 3)
     return out
