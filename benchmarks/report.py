@@ -162,12 +162,13 @@ def speed_section(rec: dict) -> str:
     for name, r in rec["methods"].items():
         rows.append([name, fmt(r["s_per_step"], r.get("s_per_step_sd"), 3), fmt(r["peak_mb"], None, 0), fmt(r["ratio"])]
                     + ([fmt(r.get("ratio_to_sft")), fmt(r.get("peak_to_sft"))] if to_sft else []))
+    header = ["method", "s/step", "peak MB", "x floor"] + (["x SFT", "peak x SFT"] if to_sft else [])
     floor = ("teacher forward without LM head + student SFT step" if rec["pair"] == "lm"
              else "student step with a cached teacher (cosine KD, AdamW)")
     return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed steps)\n\n"
             f"{_stamp(rec)}. Floor: {floor}. Peak memory on the CPU is the peak resident set of a fresh process "
             f"per method (model loading included).\n\n"
-            f"{markdown_table(['method', 's/step', 'peak MB', 'x floor'] + (['x SFT', 'peak x SFT'] if to_sft else []), rows)}\n")
+            f"{markdown_table(header, rows)}\n")
 
 
 def main() -> None:
