@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from lmdistill.align.vocab import dtw, edit_distance_map
-from lmdistill.methods.llm.base import Response, Side
+from lmdistill.methods.llm.base import Heads, Response, Side
 from lmdistill.methods.llm.dskd import cross_model_attention, gated_kl
 from lmdistill.methods.llm.mined import MinED, MinEDOptions
 
@@ -60,7 +60,7 @@ def test_mined_distils_only_one_to_one_positions_whose_mapped_target_agrees():
     z_s, z_t = torch.randn(3, 3), torch.randn(4, 4)
     s, t = _side([0, 1, 2], z_s), _side([0, 1, 2, 3], z_t)
     ce = F.cross_entropy(z_s, torch.tensor([0, 1, 2]))
-    out = m({"s_input_ids": torch.zeros(1, 3, dtype=torch.long)}, s, t, {"ce": ce})
+    out = m({"s_input_ids": torch.zeros(1, 3, dtype=torch.long)}, s, t, Heads(ce=ce))
     mapped = torch.full((3,), -1e4)
     for j in range(4):  # scatter with max over collisions
         mapped[m.vmap[j]] = max(float(mapped[m.vmap[j]]), float(z_t[0, j]))

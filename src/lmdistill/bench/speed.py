@@ -62,7 +62,7 @@ def _lm_step_fn(cfg_overrides: list[str], method: str, floor: bool, targets: str
         assert isinstance(m, SFT)
     wrapper = LMDistillModel(student, teacher, m)
     rows = read_instructions(resolve_data_path(cfg.data.train[0], cfg), cfg.train.batch_size)
-    batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs_spans,
+    batch = InstructionCollator(s_tok, t_tok, cfg.data.max_length, m.needs().spans, max_spans=m.needs().max_spans,
                                 prompt_max_fraction=cfg.data.prompt_max_fraction)(
         [{"prompt": r.prompt, "response": r.response} for r in rows])
     if targets is not None:
@@ -74,11 +74,12 @@ def _write_targets(overrides: list[str], method: str, path: str) -> None:
     """The fixed batch's teacher targets, computed once and stored as a teacher cache stores them."""
     from safetensors.torch import save_file
 
+    from lmdistill.methods.llm.base import Heads
     from lmdistill.train.lm_cache import DTYPES
 
     wrapper, batch, cfg = _lm_step_fn(overrides, method, False)
     with torch.no_grad():
-        tg = wrapper.method.teacher_targets(batch, wrapper.teacher_pass(batch), wrapper.teacher_heads(),
+        tg = wrapper.method.teacher_targets(batch, wrapper.teacher_pass(batch), Heads(**wrapper.teacher_heads()),
                                             cfg.data.teacher_top_k)
     dtype = DTYPES[cfg.data.teacher_cache_dtype]
     out = {k: v.to(torch.int32 if k == "idx" else (torch.float32 if k in ("mass", "lse") else dtype)).contiguous()

@@ -27,7 +27,7 @@ from lmdistill.config import Config, build_options, resolve_data_path
 from lmdistill.data.collate import InstructionCollator
 from lmdistill.data.readers import read_instructions
 from lmdistill.errors import LmdistillError
-from lmdistill.methods.llm.base import Response, Side, logits_from_targets, num_layers
+from lmdistill.methods.llm.base import Heads, Response, Side, logits_from_targets, num_layers
 from lmdistill.models import decoder_and_head, final_norm, lm_head_logits
 from lmdistill.models.attention import RowCapture
 from lmdistill.registry import get_method
@@ -50,12 +50,13 @@ class LMDistillModel(nn.Module):
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
+        self.needs = method.needs()
         self.s_capture = self.t_capture = None
-        if method.row_mode is not None:
+        if self.needs.rows is not None:
             if student is not None:  # none when building a teacher cache
-                self.s_capture = RowCapture(student, method.student_layers(), method.row_mode)
+                self.s_capture = RowCapture(student, list(self.needs.student_layers), self.needs.rows)
             if teacher is not None:  # none when training from a teacher cache
-                self.t_capture = RowCapture(teacher, method.teacher_layers(), method.row_mode)
+                self.t_capture = RowCapture(teacher, list(self.needs.teacher_layers), self.needs.rows)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -66,7 +67,7 @@ class LMDistillModel(nn.Module):
     def _run(self, model, ids, mask, labels, layers, capture, logits: bool, grad: bool, query=None) -> Side:
         decoder, head, softcap = decoder_and_head(model)
         if capture is not None:
-            capture.prepare(mask, query if self.method.row_query == "last_text" else None)
+            capture.prepare(mask, query if self.needs.row_query == "last_text" else None)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layers), use_cache=False)
             hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
@@ -78,43 +79,39 @@ class LMDistillModel(nn.Module):
 
     def teacher_pass(self, batch) -> Side:
         """The teacher's outputs for a batch, as the method asked for them (no gradient)."""
-        m = self.method
+        n = self.needs
         with torch.no_grad():
             return self._run(self.teacher, batch["t_input_ids"], batch["t_attention_mask"], batch["t_labels"],
-                             m.teacher_layers(), self.t_capture, logits=m.needs_teacher_logits, grad=False,
+                             list(n.teacher_layers), self.t_capture, logits=n.logits, grad=False,
                              query=batch.get("t_last_text"))
 
     def teacher_heads(self) -> dict:
-        """The teacher's LM head and final norm, for methods that read them."""
+        """The teacher's LM head and final norm (``Heads`` fields), for methods that read them."""
         _, t_head, t_cap = decoder_and_head(self.teacher)
         return {"teacher_head_weight": t_head.weight, "teacher_norm": final_norm(self.teacher),
                 "teacher_logits": lambda x, ids=None, detach_weight=True: lm_head_logits(t_head, t_cap, x, ids,
                                                                                          detach_weight)}
 
     def forward(self, **batch):
-        m = self.method
+        m, n = self.method, self.needs
         s = self._run(self.student, batch["s_input_ids"], batch["s_attention_mask"], batch["s_labels"],
-                      m.student_layers(), self.s_capture, logits=True, grad=True, query=batch.get("s_last_text"))
+                      list(n.student_layers), self.s_capture, logits=True, grad=True, query=batch.get("s_last_text"))
         if s.resp.target.numel() == 0:
             raise LmdistillError("a batch has no response tokens: check that every row has a non-empty 'output'")
         ce = F.cross_entropy(s.logits.float(), s.resp.target)
         t = None
-        if m.needs_teacher and self.teacher is not None and "teacher_targets" not in batch:
+        if n.teacher and self.teacher is not None and "teacher_targets" not in batch:
             t = self.teacher_pass(batch)
-        elif "teacher_targets" in batch and m.cache_form == "token_logits":  # the teacher's logits from its cache
+        elif "teacher_targets" in batch and n.cache_form == "token_logits":  # the teacher's logits from its cache
             tg = batch["teacher_targets"]
             t = Side(hidden={}, resp=Response.from_labels(batch["t_labels"]),
                      logits=logits_from_targets(tg, int(tg["vocab"])), input_ids=batch["t_input_ids"],
                      attention_mask=batch["t_attention_mask"])
         _, s_head, s_cap = decoder_and_head(self.student)
-        heads = {
-            "ce": ce,
-            "student_head_weight": s_head.weight,
-            "student_norm": final_norm(self.student),
-            "student_logits": lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids, detach_weight),
-        }
-        if self.teacher is not None:
-            heads.update(self.teacher_heads())
+        heads = Heads(ce=ce, student_head_weight=s_head.weight, student_norm=final_norm(self.student),
+                      student_logits=lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids,
+                                                                                              detach_weight),
+                      **(self.teacher_heads() if self.teacher is not None else {}))
         out = m(batch, s, t, heads)
         if "align_ratio" in batch:
             out["align_ratio"] = batch["align_ratio"].mean()
@@ -274,8 +271,9 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
                for ids in s_tok([r.prompt + r.response for r in rows])["input_ids"]]
     ds = Dataset.from_dict({"prompt": [r.prompt for r in rows], "response": [r.response for r in rows],
                             "length": lengths, "index": list(range(len(rows)))})
+    needs = method.needs()
     collator = InstructionCollator(s_tok, t_tok if teacher_needed else None, cfg.data.max_length,
-                                   spans=method.needs_spans, max_spans=getattr(method.opts, "max_spans", 1024),
+                                   spans=needs.spans, max_spans=needs.max_spans,
                                    prompt_max_fraction=cfg.data.prompt_max_fraction, targets=targets)
     ckpt_dir = out_dir / "checkpoints"
     trainer = DistillTrainer(model=wrapper, args=training_arguments(cfg.train, ckpt_dir), train_dataset=ds,
@@ -290,15 +288,14 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     final.save_pretrained(student_dir, safe_serialization=True)
     s_tok.save_pretrained(student_dir)
     metrics.update({**run, "student_dir": str(student_dir), "method_options": dataclasses.asdict(method.opts)})
-    if getattr(method, "shared", None) is not None:
-        masses = [e["shared_mass"] for e in run["log_history"] if "shared_mass" in e]
-        if targets is not None:  # measured when the cache was built
-            masses = [targets.manifest["shared_mass"]] if targets.manifest.get("shared_mass") is not None else []
-        metrics["shared_vocab"] = {**method.shared_stats,
-                                   "teacher_mass_in_shared": round(sum(masses) / len(masses), 6) if masses else None}
+    facts = method.run_facts(run["log_history"])
+    if targets is not None and "shared_vocab" in facts:  # measured when the cache was built
+        facts["shared_vocab"]["teacher_mass_in_shared"] = targets.manifest.get("shared_mass")
+    metrics.update(facts)
+    if "shared_vocab" in facts:
+        sv = facts["shared_vocab"]
         log.info("shared vocabulary: %d pairs (%d with a byte-fallback side); teacher mass inside it %s",
-                 method.shared, method.shared_stats["byte_fallback_pairs"],
-                 metrics["shared_vocab"]["teacher_mass_in_shared"])
+                 sv["pairs"], sv["byte_fallback_pairs"], sv["teacher_mass_in_shared"])
     if evals:
         final.eval()
         metrics["after"] = evaluate(final, s_tok)

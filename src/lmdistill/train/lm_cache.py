@@ -110,6 +110,7 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
     from tqdm.auto import tqdm
 
     from lmdistill.data.collate import InstructionCollator
+    from lmdistill.methods.llm.base import Heads
     from lmdistill.registry import get_method
     from lmdistill.train.lm import LMDistillModel, training_rows
 
@@ -132,9 +133,9 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
     device = models.default_device()
     teacher = teacher.to(device).eval()
     wrapper = LMDistillModel(None, teacher, method)  # the teacher half of the training wrapper
-    heads = wrapper.teacher_heads()
-    collator = InstructionCollator(s_tok, t_tok, cfg.data.max_length, spans=method.needs_spans,
-                                   max_spans=getattr(method.opts, "max_spans", 1024),
+    heads = Heads(**wrapper.teacher_heads())
+    needs = method.needs()
+    collator = InstructionCollator(s_tok, t_tok, cfg.data.max_length, spans=needs.spans, max_spans=needs.max_spans,
                                    prompt_max_fraction=cfg.data.prompt_max_fraction)
     dtype = DTYPES[cfg.data.teacher_cache_dtype]
     start = len(manifest["shards"]) * SHARD_ROWS
@@ -157,7 +158,7 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
                     store = torch.int32 if name == "idx" else (torch.float32 if name in ("mass", "lse") else dtype)
                     tensors[f"{i}.{name}"] = val.to(store).contiguous().cpu()
             if method.cache_form == "token_logits":
-                manifest["vocab"] = int(heads["teacher_head_weight"].shape[0])
+                manifest["vocab"] = int(heads.teacher_head_weight.shape[0])
             bar.update(len(idx))
         name = f"shard-{len(manifest['shards']):05d}.safetensors"
         tmp = folder / (name + ".tmp")

@@ -17,6 +17,7 @@ A method returns a dict of named loss terms, ``loss`` being the total.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,35 @@ class Side:
     attention_mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What a method reads in a training step, declared once (``LMMethod.needs()``); the trainer
+    provides it, from the teacher's forward pass or from a teacher cache, and asks nothing else."""
+
+    teacher: bool = True  # the teacher takes part at all (SFT: no)
+    logits: bool = False  # the teacher's logits at its response positions
+    student_layers: tuple[int, ...] = ()  # hidden-state indices read (the last is always provided)
+    teacher_layers: tuple[int, ...] = ()
+    rows: str | None = None  # attention rows at those layers: "last_token" | "received"
+    row_query: str = "last_text"  # the row's query: the last text token, or "last_token" (the EOS)
+    spans: bool = False  # the spans shared by both tokenizations (in the batch)
+    max_spans: int = 1024
+    cache_form: str | None = None  # see LMMethod.cache_form
+
+
+@dataclass
+class Heads:
+    """The output heads a method may apply to its own states, and the student's CE."""
+
+    ce: torch.Tensor | None = None
+    student_head_weight: torch.Tensor | None = None
+    student_norm: nn.Module | None = None
+    student_logits: Callable | None = None  # (states, vocabulary ids=None, detach_weight=False) -> logits
+    teacher_head_weight: torch.Tensor | None = None
+    teacher_norm: nn.Module | None = None
+    teacher_logits: Callable | None = None  # as student_logits, the weight detached
+
+
 @dataclass
 class NoOptions:
     """A method without options."""
@@ -89,6 +119,17 @@ class LMMethod(nn.Module):
     def __init__(self, opts, student, teacher, student_tokenizer, teacher_tokenizer, cache_dir=None) -> None:
         super().__init__()
         self.opts = opts
+
+    def needs(self) -> TeacherNeeds:
+        """What the method reads in a step (see :class:`TeacherNeeds`)."""
+        return TeacherNeeds(teacher=self.needs_teacher, logits=self.needs_teacher_logits,
+                            student_layers=tuple(self.student_layers()), teacher_layers=tuple(self.teacher_layers()),
+                            rows=self.row_mode, row_query=self.row_query, spans=self.needs_spans,
+                            cache_form=self.cache_form)
+
+    def run_facts(self, log_history: list[dict]) -> dict:
+        """What the method adds to a run's metrics.json, beside the logged terms (default: nothing)."""
+        return {}
 
     def student_layers(self) -> list[int]:
         """Hidden-state indices of the student the method reads (the last is always provided)."""

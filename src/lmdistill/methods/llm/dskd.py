@@ -94,14 +94,14 @@ class DSKD(LMMethod):
         k = torch.cat([t_in, t_tg], -1)  # [Nt, 2 d_T]
         a, scores = cross_model_attention(q, k, s.resp.b, t.resp.b)
         h_t2s = a @ self.t2s(t_h + t_tg)  # [Ns, d_S]
-        w_s = heads["student_head_weight"].detach()
+        w_s = heads.student_head_weight.detach()
         z_t2s = h_t2s @ w_s.T  # [Ns, V_S]
         ce_t2s = F.cross_entropy(z_t2s.float(), s.resp.target)
         kd_s, right = gated_kl(z_t2s, s.logits, s.resp.target, o.tau)
         a_rev = scores.T.softmax(-1).nan_to_num(0.0)  # [Nt, Ns]
         h_s2t = a_rev @ self.s2t(s.hidden[max(s.hidden)][s.resp.b, s.resp.t].float())  # [Nt, d_T]
-        z_s2t = heads["teacher_logits"](h_s2t, None, detach_weight=True)
+        z_s2t = heads.teacher_logits(h_s2t, None, detach_weight=True)
         kd_t = kl_div(t.logits.detach(), z_s2t, o.tau).mean()
         kd = ce_t2s + kd_s + kd_t
-        return {"ce": heads["ce"], "ce_t2s": ce_t2s, "kd_student": kd_s, "kd_teacher": kd_t,
-                "t2s_acc": right.mean().detach(), "loss": (1 - o.alpha) * heads["ce"] + o.alpha * kd}
+        return {"ce": heads.ce, "ce_t2s": ce_t2s, "kd_student": kd_s, "kd_teacher": kd_t,
+                "t2s_acc": right.mean().detach(), "loss": (1 - o.alpha) * heads.ce + o.alpha * kd}

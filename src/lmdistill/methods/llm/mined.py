@@ -80,6 +80,6 @@ class MinED(LMMethod):
                 mapped = torch.full((len(pt), log_q.size(-1)), -1e4, device=log_q.device)
                 mapped.scatter_reduce_(1, self.vmap.unsqueeze(0).expand(len(pt), -1), t_log, reduce="amax")
                 target[ps] = F.softmax(mapped / o.tau, dim=-1)
-        kl = (target * (target.clamp_min(1e-12).log() - log_q)).sum(-1).mean() if n else heads["ce"] * 0
-        return {"ce": heads["ce"], "kl": kl, "aligned": torch.tensor(float(len(pairs_s)) / max(n, 1)),
-                "loss": (1 - o.alpha) * heads["ce"] + o.alpha * kl}
+        kl = (target * (target.clamp_min(1e-12).log() - log_q)).sum(-1).mean() if n else heads.ce * 0
+        return {"ce": heads.ce, "kl": kl, "aligned": torch.tensor(float(len(pairs_s)) / max(n, 1)),
+                "loss": (1 - o.alpha) * heads.ce + o.alpha * kl}

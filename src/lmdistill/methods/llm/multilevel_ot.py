@@ -82,9 +82,9 @@ class MultiLevelOT(LMMethod):
             seq.append(-(pt * ps.clamp_min(1e-12).log()).sum(-1).mean())
             cost = torch.cdist(ps, pt, p=1)
             ot.append(sinkhorn_cost(cost, o.sinkhorn_eps, o.sinkhorn_iters))
-        zero = heads["ce"] * 0
+        zero = heads.ce * 0
         tok = torch.stack(token).mean() if token else zero
         sq = torch.stack(seq).mean() if seq else zero
         tr = torch.stack(ot).mean() if ot else zero
         distill = tok + o.w_seq * sq + o.w_ot * tr
-        return {"ce": heads["ce"], "token": tok, "seq": sq, "ot": tr, "loss": heads["ce"] + o.lam * distill}
+        return {"ce": heads.ce, "token": tok, "seq": sq, "ot": tr, "loss": heads.ce + o.lam * distill}

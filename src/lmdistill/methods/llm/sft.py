@@ -13,4 +13,4 @@ class SFT(LMMethod):
     needs_teacher = False
 
     def forward(self, batch, s, t, heads):
-        return {"ce": heads["ce"], "loss": heads["ce"]}
+        return {"ce": heads.ce, "loss": heads.ce}

@@ -15,7 +15,7 @@ choices the paper leaves open (each with its ablation).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 
 from lmdistill.align.vocab import shared_vocab, shared_vocab_stats
 from lmdistill.errors import LmdistillError
-from lmdistill.methods.llm.base import LMMethod, hidden_size, num_layers
+from lmdistill.methods.llm.base import LMMethod, TeacherNeeds, hidden_size, num_layers
 from lmdistill.models import final_norm
 from lmdistill.registry import register
 
@@ -209,7 +209,7 @@ class SRA(LMMethod):
         if not real.any():
             return torch.zeros((), device=c_t.device)
         rows = torch.nonzero(real, as_tuple=False)[:max_spans]
-        z_full = heads["teacher_logits"](c_t[rows[:, 0], rows[:, 1]]).float()
+        z_full = heads.teacher_logits(c_t[rows[:, 0], rows[:, 1]]).float()
         inside = z_shared[rows[:, 0], rows[:, 1]].float().logsumexp(-1) - z_full.logsumexp(-1)
         return inside.exp().mean()
 
@@ -218,6 +218,18 @@ class SRA(LMMethod):
 
     def teacher_layers(self) -> list[int]:
         return sorted({lt for _, lt in self.pairs})
+
+    def needs(self) -> TeacherNeeds:
+        return replace(super().needs(), max_spans=self.opts.max_spans)
+
+    def run_facts(self, log_history: list[dict]) -> dict:
+        """The shared vocabulary's size, its byte-fallback pairs and the teacher's probability mass
+        inside it (measured every MASS_EVERY forward passes, or when its cache was built)."""
+        if self.shared is None:
+            return {}
+        masses = [e["shared_mass"] for e in log_history if "shared_mass" in e]
+        return {"shared_vocab": {**self.shared_stats,
+                                 "teacher_mass_in_shared": round(sum(masses) / len(masses), 6) if masses else None}}
 
     def cache_signature(self) -> dict:
         """What the teacher targets depend on among the options (part of a teacher cache's key)."""
@@ -246,8 +258,8 @@ class SRA(LMMethod):
             if o.w_logit > 0:
                 c_t = coms[-1]
                 if self.norm_t:
-                    c_t = heads["teacher_norm"](c_t.to(heads["teacher_head_weight"].dtype))
-                z_t = heads["teacher_logits"](c_t, self.shared_t)
+                    c_t = heads.teacher_norm(c_t.to(heads.teacher_head_weight.dtype))
+                z_t = heads.teacher_logits(c_t, self.shared_t)
                 logp = F.log_softmax(z_t.float() / o.tau, dim=-1)
                 if top_k is not None and top_k < logp.size(-1):
                     out["logp"], out["idx"] = logp.topk(top_k, dim=-1)
@@ -277,7 +289,7 @@ class SRA(LMMethod):
         proj = [P(c) for P, c in zip(self.projectors, coms_s)]
         lam = 1.0 / len(self.pairs)
         l_span = sum(lam * weighted_cosine_loss(ps, ct, Wp) for ps, ct, Wp in zip(proj, coms_t, Ws))
-        out = {"ce": heads["ce"], "span": l_span}
+        out = {"ce": heads.ce, "span": l_span}
         if o.velocity and len(self.pairs) > 1:
             vel = sum(weighted_cosine_loss(proj[i + 1] - proj[i], coms_t[i + 1] - coms_t[i], W)
                       for i in range(len(self.pairs) - 1)) / (len(self.pairs) - 1)
@@ -290,11 +302,11 @@ class SRA(LMMethod):
         if o.w_logit > 0:
             c_s = coms_s[-1]
             if self.norm_s:
-                c_s = heads["student_norm"](c_s.to(heads["student_head_weight"].dtype))
-            z_s = heads["student_logits"](c_s, self.shared_s)
+                c_s = heads.student_norm(c_s.to(heads.student_head_weight.dtype))
+            z_s = heads.student_logits(c_s, self.shared_s)
             if "shared_mass" in tg:
                 out["shared_mass"] = tg["shared_mass"]
             out["logit"] = span_logit_kl_to(z_s, tg["logp"], tg.get("idx"), span_mask, o.tau, o.logit_reduction)
             distill = distill + o.w_logit * out["logit"]
-        out["loss"] = o.alpha * heads["ce"] + (1 - o.alpha) * distill
+        out["loss"] = o.alpha * heads.ce + (1 - o.alpha) * distill
         return out

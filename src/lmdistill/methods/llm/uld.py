@@ -53,5 +53,5 @@ class ULD(LMMethod):
         p_s = F.softmax(s.logits[si].float() / o.tau_student, dim=-1)
         with torch.no_grad():
             p_t = F.softmax(t.logits[ti].float() / o.tau_teacher, dim=-1)
-        uld = sorted_l1(p_s, p_t).mean() if len(si) else heads["ce"] * 0
-        return {"ce": heads["ce"], "uld": uld, "loss": o.w_ce * heads["ce"] + o.w_uld * uld}
+        uld = sorted_l1(p_s, p_t).mean() if len(si) else heads.ce * 0
+        return {"ce": heads.ce, "uld": uld, "loss": o.w_ce * heads.ce + o.w_uld * uld}
