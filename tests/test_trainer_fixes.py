@@ -251,3 +251,27 @@ def test_asam_interval_two_equals_a_hand_driven_reference(tiny_st, tiny_st_stude
     got = torch.cat([p.detach().flatten() for p in SentenceTransformer(str(tmp_path / "run" / "student"),
                                                                         device="cpu").parameters()])
     assert torch.allclose(ref, got, rtol=1e-5, atol=1e-6), float((ref - got).abs().max())
+
+
+def test_the_interval_rule_lives_in_the_optimizer():
+    """The trainer stashes micro-batches exactly for the steps ASAM will perturb, skipped steps counted."""
+    from lmdistill.optim import ASAM
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ASAM(torch.optim.SGD([w], lr=0.1), rho=0.1, interval=3)
+    seen, calls = [], []
+
+    def closure():
+        calls.append(1)
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(7):
+        seen.append(opt.perturbs_next())
+        before = len(calls)
+        w.grad = torch.ones(3)
+        opt.step(closure)
+        assert (len(calls) > before) == seen[-1]  # the closure ran exactly when announced
+    assert seen == [False, False, True, False, False, True, False]
+    assert not ASAM(torch.optim.SGD([w], lr=0.1), rho=0.0, interval=1).perturbs_next()

@@ -92,6 +92,11 @@ class ASAM(Optimizer):
         scale = self.rho / (norm + 1e-12)
         return {p: (s * t if t is not None else s) * scale.to(s.dtype) for p, t, s in scaled}
 
+    def perturbs_next(self) -> bool:
+        """Whether the next ``step`` is a SAM step, i.e. will call its closure (the one place the
+        interval rule lives: the trainer asks here before stashing a step's micro-batches)."""
+        return self.rho > 0 and (self.sam_steps + 1) % self.interval == 0
+
     def step(self, closure: Callable[[], object] | None = None):  # type: ignore[override]
         """One (A)SAM step; ``closure`` re-runs forward and backward on the same micro-batches."""
         closure = closure or self.closure

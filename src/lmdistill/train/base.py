@@ -149,14 +149,18 @@ class DistillTrainer(Trainer):
             step = self.state.global_step
             if step != self._micro_step:  # a new optimizer step: what an earlier step left is stale
                 self._micro, self._micro_step = [], step
-            if self._perturbs(step):  # stash only for a step that will re-run its micro-batches
+            opt = self._asam()
+            if opt is not None and opt.perturbs_next():  # stash only for a step that will re-run its micro-batches
                 self._micro.append((inputs, num_items_in_batch))
         loss = super().training_step(model, inputs, num_items_in_batch)
         return loss
 
-    def _perturbs(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is a SAM step (ASAM counts its steps from 1)."""
-        return (step + 1) % max(self.tc.asam_interval, 1) == 0
+    def _asam(self) -> ASAM | None:
+        """The (A)SAM wrapper inside whatever the accelerator wrapped the optimizer in."""
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, ASAM):
+            opt = getattr(opt, "optimizer", None)
+        return opt
 
     def _sam_closure(self):
         """Re-run this step's micro-batches (forward + backward) at the perturbed weights."""
@@ -201,9 +205,7 @@ class DistillTrainer(Trainer):
         return float(bad) == 0.0
 
     def _skip_this_step(self) -> None:
-        opt = self.optimizer
-        while opt is not None and not isinstance(opt, ASAM):
-            opt = getattr(opt, "optimizer", None)
+        opt = self._asam()
         if opt is not None:
             opt.skip_next = True
         self._micro = []
