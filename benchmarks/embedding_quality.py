@@ -9,6 +9,14 @@ Presets:
   full  the whole protocol for a GPU: all training sentences, 2 epochs, full test sets.
 
     python benchmarks/embedding_quality.py --preset cpu [--eval name=path ...] [--only talas,rkd]
+
+The fair search, then the seeds (every method the same way):
+    python benchmarks/embedding_quality.py --preset cpu --search-lr 0.5,1,2 --search-init normal,xavier
+        each method once (the first seed) at its learning rate x each factor, crossed with each
+        projector initialisation where it has projectors; scored only on STS-B dev (never
+        reported) -> benchmarks/results/embedding-search-cpu-<time>.json
+    python benchmarks/embedding_quality.py --preset cpu --settings-from benchmarks/results/embedding-search-cpu-*.json
+        each method at the setting that won its search, on STS-B test and SICK-R test
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from lmdistill.config import load_config, resolve_data_path  # noqa: E402
 from lmdistill.data.readers import read_sts  # noqa: E402
 
 CONFIG = ROOT / "configs" / "talas-mpnet-to-minilm-l3.yaml"
+DEV = "stsb/stsb-en-dev.csv"  # the selection split: never reported
 PRESETS = {
     "cpu": {"overrides": ["data.max_examples=2000", "train.max_steps=80", "train.batch_size=32", "train.save_steps=0",
                           "train.logging_steps=20"], "sick_pairs": 1500, "seeds": [0, 1, 2]},
@@ -41,6 +50,11 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     ap.add_argument("--keep-students", default=None, help="keep every trained student folder under this folder")
     ap.add_argument("--work-dir", default=str(ROOT / "runs" / "bench-embedding"))
+    ap.add_argument("--set", action="append", default=[], help="a further config override, key=value (recorded)")
+    ap.add_argument("--search-lr", default=None, help="search instead: comma-separated factors of each method's lr")
+    ap.add_argument("--search-init", default=None, help="with --search-lr: projector inits to try (e.g. normal,xavier)")
+    ap.add_argument("--settings-from", nargs="+", default=None,
+                    help="search records: each method runs at the setting that won its search")
     args = ap.parse_args()
     p = PRESETS[args.preset]
     work = Path(args.work_dir)
@@ -55,12 +69,26 @@ def main() -> None:
     for item in args.eval:
         name, _, path = item.partition("=")
         evals[name] = path
+    search = [float(x) for x in args.search_lr.split(",")] if args.search_lr else None
+    if search:  # the search sees only the dev split
+        evals = {"stsb_dev": DEV}
     ev = "{" + ", ".join(f"{k}: {v}" for k, v in evals.items()) + "}"
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else p["seeds"]
     only = args.only.split(",") if args.only else None
+    settings = None
+    if args.settings_from:
+        import json
+
+        from lmdistill.bench.quality import select
+
+        settings = {name: c["chosen"] for name, c in select([json.loads(Path(f).read_text()) for f in args.settings_from],
+                                                            on="stsb_dev", metric=None, higher_is_better=True).items()}
     out = run_benchmark("embedding", str(CONFIG), args.preset, EMBEDDING_VARIANTS, seeds,
-                        p["overrides"] + [f"data.eval={ev}"], ROOT / "benchmarks" / "results", work, only,
-                        keep_students=Path(args.keep_students) if args.keep_students else None)
+                        p["overrides"] + list(args.set) + [f"data.eval={ev}"], ROOT / "benchmarks" / "results", work,
+                        only, keep_students=Path(args.keep_students) if args.keep_students else None,
+                        search_lr=search, search_inits=args.search_init.split(",") if args.search_init else None,
+                        settings=settings, settings_from=[Path(f).name for f in args.settings_from or []],
+                        selection="highest Spearman on STS-B dev")
     print(f"results: {out}")
 
 

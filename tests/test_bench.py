@@ -61,6 +61,26 @@ def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentence
     assert readme.read_text() == "x\n<!-- results:start -->\nnew table\n<!-- results:end -->\ny\n"
 
 
+def test_embedding_search_crosses_projector_inits_and_selects_the_highest(tiny_st, tiny_st_student, sentences_file,
+                                                                          sts_file, tmp_path):
+    from lmdistill.bench.quality import select
+
+    variants = [Variant("talas", ["method=talas"]), Variant("rkd", ["method=rkd", "method_args={}"])]
+    out = run_benchmark("embedding", str(ROOT / "configs/tiny/talas-tiny.yaml"), "test", variants, [0, 1],
+                        [f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]",
+                         f"data.eval={{dev: {sts_file}}}", "train.max_steps=2"], tmp_path / "results",
+                        tmp_path / "work", search_lr=[1, 2], search_inits=["normal", "xavier"],
+                        selection="highest Spearman on dev")
+    rec = json.loads(out.read_text())
+    assert rec["search"] == {"lr_factors": [1, 2], "projector_inits": ["normal", "xavier"],
+                             "selection": "highest Spearman on dev"}
+    talas = [r["setting"] for r in rec["runs"] if r["variant"] == "talas"]
+    assert len(talas) == 4 and {s["method_args.projector_init"] for s in talas} == {"normal", "xavier"}
+    assert all("method_args.projector_init" not in r["setting"] for r in rec["runs"] if r["variant"] == "rkd")
+    chosen = select([rec], on="dev", metric=None, higher_is_better=True)
+    assert chosen["talas"]["score"] == max(r["scores"]["dev"] for r in rec["runs"] if r["variant"] == "talas")
+
+
 def test_plot_labels_are_spread_apart_in_order():
     from lmdistill.report.records import spread_labels
 

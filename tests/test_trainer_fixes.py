@@ -275,3 +275,17 @@ def test_the_interval_rule_lives_in_the_optimizer():
         assert (len(calls) > before) == seen[-1]  # the closure ran exactly when announced
     assert seen == [False, False, True, False, False, True, False]
     assert not ASAM(torch.optim.SGD([w], lr=0.1), rho=0.0, interval=1).perturbs_next()
+
+
+@pytest.mark.parametrize("clip", ["global", "per_group", "none"])
+def test_clipping_modes(clip):
+    from lmdistill.optim import ASAM
+
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(1))
+    base = torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=1.0)
+    opt = ASAM(base, rho=0.0, max_grad_norm=1.0, clip=clip)
+    a.grad, b.grad = torch.full((4,), 3.0), torch.full((1,), 4.0)  # norms 6 and 4, together sqrt(52)
+    opt.step()
+    na, nb = float(a.detach().norm()), float(b.detach().norm())
+    expect = {"global": (6 / 52 ** 0.5, 4 / 52 ** 0.5), "per_group": (1.0, 1.0), "none": (6.0, 4.0)}[clip]
+    assert (na, nb) == pytest.approx(expect, rel=1e-5)

@@ -59,6 +59,7 @@ class TrainConfig:
     eta: float = 0.01
     asam_interval: int = 1
     max_grad_norm: float = 1.0
+    clip: str = "global"  # the descent gradient clipped over all parameters | per_group (each optimizer group) | none
     bf16: bool = False
     fp16: bool = False
     seed: int = 42
@@ -196,6 +197,8 @@ def validate(cfg: Config) -> None:
                              f"{cfg.data.teacher_cache_dtype!r}")
     if cfg.data.teacher_top_k is not None and cfg.data.teacher_top_k < 1:
         raise LmdistillError(f"data.teacher_top_k must be a positive number or null (all), got {cfg.data.teacher_top_k}")
+    if cfg.train.clip not in ("global", "per_group", "none"):
+        raise LmdistillError(f"train.clip must be global, per_group or none, got {cfg.train.clip!r}")
     if cfg.train.optimizer not in ("asam", "sam", "adamw"):
         raise LmdistillError(f"train.optimizer must be asam, sam or adamw, got {cfg.train.optimizer!r}")
     if cfg.train.bf16 and cfg.train.fp16:

@@ -81,28 +81,44 @@ def _scores(metrics: dict, key: str) -> dict:
     return {name: res for name, res in metrics.get(key, {}).items()}
 
 
-def lr_grid(config: str, overrides: list[str], variant: Variant, factors: list[float]) -> list[dict[str, str]]:
+def lr_grid(config: str, overrides: list[str], variant: Variant, factors: list[float],
+            inits: list[str] | None = None) -> list[dict[str, str]]:
     """The search points of one variant: its own learning rate (the preset's, or the variant's
-    where it sets one, e.g. a LoRA regime) times each factor. The same factors for every
-    method, so every method gets the same search around its starting point."""
-    base = load_config(config, list(overrides) + variant.overrides).train.lr
-    return [{"train.lr": f"{base * f:.3g}"} for f in factors]
+    where it sets one, e.g. a LoRA regime) times each factor; with ``inits``, crossed with each
+    projector initialisation where the method has projectors (``method_args.projector_init``).
+    The same factors for every method, so every method gets the same search around its start."""
+    from lmdistill.registry import get_method
+
+    cfg = load_config(config, list(overrides) + variant.overrides)
+    points = [{"train.lr": f"{cfg.train.lr * f:.3g}"} for f in factors]
+    has_init = inits and "projector_init" in getattr(get_method(cfg.method, cfg.task).Options, "__dataclass_fields__", {})
+    if has_init:
+        points = [{**p, "method_args.projector_init": i} for p in points for i in inits]
+    return points
 
 
-def select(records: list[dict], on: str = "holdout", metric: str = "bpb") -> dict[str, dict]:
-    """Per variant, the search point with the lowest ``metric`` on the selection set ``on``
-    (bits per byte on the held-out training rows, never reported): ``{"chosen": setting,
-    "score": best, "tried": [[setting, score], ...]}``. Failed points are listed with None."""
+def _score(run: dict, on: str, metric: str | None):
+    if "error" in run:
+        return None
+    v = (run.get("scores") or {}).get(on)
+    return v.get(metric) if isinstance(v, dict) else v
+
+
+def select(records: list[dict], on: str = "holdout", metric: str | None = "bpb",
+           higher_is_better: bool = False) -> dict[str, dict]:
+    """Per variant, the best search point on the selection set ``on`` (never reported): the
+    lowest bits per byte for the LM search, the highest Spearman (``metric=None``,
+    ``higher_is_better``) for the embedding one. ``{"chosen": setting, "score": best,
+    "tried": [[setting, score], ...]}``; failed points are listed with None."""
     tried: dict[str, list] = {}
     for rec in records:
         for r in rec["runs"]:
-            score = (r.get("scores") or {}).get(on, {}).get(metric) if "error" not in r else None
-            tried.setdefault(r["variant"], []).append([r.get("setting", {}), score])
+            tried.setdefault(r["variant"], []).append([r.get("setting", {}), _score(r, on, metric)])
     out = {}
     for name, pts in tried.items():
         ok = [p for p in pts if p[1] is not None]
         if ok:
-            best = min(ok, key=lambda p: p[1])
+            best = (max if higher_is_better else min)(ok, key=lambda p: p[1])
             out[name] = {"chosen": best[0], "score": best[1], "tried": pts}
     return out
 
@@ -110,22 +126,25 @@ def select(records: list[dict], on: str = "holdout", metric: str = "bpb") -> dic
 def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], seeds: list[int],
                   overrides: list[str], results_dir: Path, work_dir: Path, only: list[str] | None = None,
                   keep_students: Path | None = None, search_lr: list[float] | None = None,
-                  settings: dict[str, dict[str, str]] | None = None, settings_from: list[str] | None = None) -> Path:
+                  settings: dict[str, dict[str, str]] | None = None, settings_from: list[str] | None = None,
+                  search_inits: list[str] | None = None,
+                  selection: str = "lowest bits per byte on the held-out rows") -> Path:
     """Train and evaluate every variant for every seed; returns the result JSON's path.
 
     ``keep_students``: every trained student folder is kept there as ``<variant>-s<seed>``
     (plain transformers / sentence-transformers folders, for evaluations of one's own).
     ``search_lr``: a search instead: every trained variant once (the first seed) at each of
-    ``lr_grid``'s points; the record is ``<kind>-search-<preset>-<time>.json`` and ``select``
-    reads the choice from it. ``settings``: per variant, the overrides chosen by a search
-    (``settings_from`` names the search records, kept in the record)."""
+    ``lr_grid``'s points (``search_inits``: crossed with projector initialisations); the record
+    is ``<kind>-search-<preset>-<time>.json`` and ``select`` reads the choice from it.
+    ``settings``: per variant, the overrides chosen by a search (``settings_from`` names the
+    search records, kept in the record)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_path = results_dir / (f"{kind}-search-{preset}-{stamp}.json" if search_lr else f"{kind}-{preset}-{stamp}.json")
     record = {"kind": kind, "preset": preset, "config": config, "overrides": overrides, "seeds": seeds,
               **environment(), "runs": []}
     if search_lr:
-        record["search"] = {"lr_factors": search_lr, "selection": "lowest bits per byte on the held-out rows"}
+        record["search"] = {"lr_factors": search_lr, "projector_inits": search_inits, "selection": selection}
     if settings:
         record["settings"] = settings
         record["settings_from"] = settings_from or []
@@ -140,7 +159,8 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
     for v in variants:
         if only and v.name not in only or search_lr and v.kind != "train":
             continue
-        points = lr_grid(config, overrides, v, search_lr) if search_lr else [(settings or {}).get(v.name, {})]
+        points = (lr_grid(config, overrides, v, search_lr, search_inits) if search_lr
+                  else [(settings or {}).get(v.name, {})])
         run_seeds = [seeds[0]] if v.kind != "train" or search_lr else seeds
         for setting, seed in [(p, s) for p in points for s in run_seeds]:
             tag = "".join(f"-{k.split('.')[-1]}{val}" for k, val in setting.items())

@@ -43,7 +43,10 @@ class ASAM(Optimizer):
         adaptive: bool = True,
         interval: int = 1,
         max_grad_norm: float | None = None,
+        clip: str = "global",
     ) -> None:
+        if clip not in ("global", "per_group", "none"):
+            raise ValueError(f"clip must be global, per_group or none, got {clip!r}")
         if rho < 0:
             raise ValueError(f"rho must be >= 0, got {rho}")
         if interval < 1:
@@ -51,7 +54,8 @@ class ASAM(Optimizer):
         self.base = base
         self.rho, self.eta, self.adaptive = rho, eta, adaptive
         self.interval = interval
-        self.max_grad_norm = max_grad_norm
+        self.max_grad_norm = None if clip == "none" else max_grad_norm
+        self.clip = clip
         self.closure: Callable[[], object] | None = None  # set by a trainer that steps without one
         self.grad_scale: Callable[[], float] | None = None
         self.sam_steps = 0
@@ -129,9 +133,16 @@ class ASAM(Optimizer):
         return loss
 
     def _clip(self) -> None:
-        if self.max_grad_norm:
-            params = [p for p, _ in self._params()]
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        """The descent gradient to ``max_grad_norm``: over all parameters (``global``), over each
+        parameter group separately (``per_group``: the student's and the projectors' norms do not
+        mix), or not at all (``none``, as the TALAS authors)."""
+        if not self.max_grad_norm:
+            return
+        groups = [self.param_groups] if self.clip == "global" else [[g] for g in self.param_groups]
+        for gs in groups:
+            params = [p for g in gs for p in g["params"] if p.grad is not None]
+            if params:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # type: ignore[override]
         self.base.zero_grad(set_to_none=set_to_none)

@@ -130,7 +130,8 @@ class DistillTrainer(Trainer):
         base = torch.optim.AdamW(param_groups, lr=self.tc.lr)
         rho = 0.0 if self.tc.optimizer == "adamw" else self.tc.rho
         self.optimizer = ASAM(base, rho=rho, eta=self.tc.eta, adaptive=self.tc.optimizer == "asam",
-                              interval=self.tc.asam_interval, max_grad_norm=self.tc.max_grad_norm or None)
+                              interval=self.tc.asam_interval, max_grad_norm=self.tc.max_grad_norm or None,
+                              clip=self.tc.clip)
         self.optimizer.closure = self._sam_closure
         if self.tc.fp16:  # the closure's descent gradient comes back scaled: ASAM divides it by the scale
             self.optimizer.grad_scale = self._loss_scale
