@@ -139,20 +139,31 @@ def lm_section(rec: dict) -> str:
 
 def search_section(rec: dict) -> str:
     """What each method's search tried and chose (the selection set is never reported)."""
-    chosen = select([rec])
+    ok = [r for r in rec["runs"] if r.get("scores")]
+    if not ok:
+        return ""
+    on = next(iter(ok[0]["scores"]))
+    lm = rec["kind"] == "lm"
+    chosen = select([rec], on=on, metric="bpb" if lm else None, higher_is_better=not lm)
     keys = list(dict.fromkeys(k for c in chosen.values() for st, _ in c["tried"] for k in st))
+    digits = 3 if lm else 2
     rows = []
     for name, c in chosen.items():
-        tried = "; ".join(f"{' '.join(str(v) for v in st.values())}: {fmt(sc, None, 3) if sc is not None else 'failed'}"
+        tried = "; ".join(f"{' '.join(str(v) for v in st.values())}: {fmt(sc, None, digits) if sc is not None else 'failed'}"
                           for st, sc in c["tried"])
-        rows.append([name, tried, " ".join(str(v) for v in c["chosen"].values()), fmt(c["score"], None, 3)])
+        rows.append([name, tried, " ".join(str(v) for v in c["chosen"].values()), fmt(c["score"], None, digits)])
     rc = rec["resolved_config"]
     factors = ", ".join(f"{f:g}" for f in rec["search"]["lr_factors"])
-    return (f"### Hyperparameter search, cross-tokenizer LM ({rec['preset']} preset)\n\n{_stamp(rec)}. Each method "
-            f"once (seed {rec['seeds'][0]}) at its learning rate times {factors}; "
-            f"selected by bits per byte on {rc['data']['holdout']} training rows held out of every run (the teacher's "
-            f"fine-tuning included) and never reported. Searched: {', '.join(keys)}.\n\n"
-            f"{markdown_table(['variant', 'tried (bits/byte on the held-out rows)', 'chosen', 'best'], rows)}\n")
+    inits = rec["search"].get("projector_inits")
+    where = (f"bits per byte on {rc['data']['holdout']} training rows held out of every run (the teacher's "
+             "fine-tuning included)" if lm else f"Spearman on {on}")
+    title = "cross-tokenizer LM" if lm else "sentence embeddings"
+    score = "bits/byte" if lm else "Spearman"
+    return (f"### Hyperparameter search, {title} ({rec['preset']} preset)\n\n{_stamp(rec)}. Each method "
+            f"once (seed {rec['seeds'][0]}) at its learning rate times {factors}"
+            f"{', crossed with projector init ' + ' / '.join(inits) + ' where it has projectors' if inits else ''}; "
+            f"selected by {where}, never reported. Searched: {', '.join(keys)}.\n\n"
+            f"{markdown_table(['variant', f'tried ({score} on the selection set)', 'chosen', 'best'], rows)}\n")
 
 
 def speed_section(rec: dict) -> str:
@@ -178,13 +189,14 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true", help="also merge results from a dirty tree (marked so)")
     args = ap.parse_args()
     parts = []
-    for prefix, fn in (("embedding-cpu", embedding_section), ("embedding-full", embedding_section),
+    for prefix, fn in (("embedding-search-cpu", search_section), ("embedding-cpu", embedding_section),
+                       ("embedding-full", embedding_section),
                        ("lm-search-cpu2", search_section), ("lm-cpu", lm_section), ("lm-cpu2", lm_section),
                        ("lm-full", lm_section),
                        ("speed-embedding", speed_section), ("speed-lm", speed_section)):
         rec = _merged(prefix, args.allow_dirty)
-        if rec:
-            parts.append(fn(rec))
+        if rec and (part := fn(rec)):
+            parts.append(part)
     section = "\n".join(parts) if parts else "(no benchmark results yet)"
     (RESULTS / "RESULTS.md").write_text("# Benchmark results\n\n" + section.replace("benchmarks/results/", ""))
     update_readme(ROOT / "README.md", section)
