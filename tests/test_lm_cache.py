@@ -193,3 +193,17 @@ def test_methods_without_a_cached_form_are_refused_clearly(method, why, llama_lm
                "data.teacher_cache=auto")
     with pytest.raises(LmdistillError, match=f"{method} cannot train from a teacher cache: .*{why}"):
         run_lm(cfg, progress=False)
+
+
+def test_the_teachers_reference_scores_are_computed_once(llama_lm, gpt2_lm, instructions_file, tmp_path, request):
+    """Scored once per (teacher, file, settings, code): a run from the cache then loads no teacher
+    weights at all, even with eval.teacher on."""
+    ev = [f"data.eval={{toy: {instructions_file}}}", "eval.teacher=true", f"cache_dir={tmp_path / 'c'}"]
+    first = run_lm(_cfg(llama_lm, gpt2_lm, instructions_file, tmp_path / "online", *ev), progress=False)
+    assert set(first["teacher_scores"]["toy"]) >= {"rougeL", "bpb"}
+    other = run_lm(_cfg(llama_lm, gpt2_lm, instructions_file, tmp_path / "other", *ev, "eval.max_new_tokens=2"),
+                   progress=False)  # other settings: scored again
+    assert other["teacher_scores"]["toy"]["max_new_tokens"] == 2
+    cached, _ = _cached_run(llama_lm, gpt2_lm, instructions_file, tmp_path, "cached", *ev,
+                            guard=lambda: request.getfixturevalue("no_teacher_weights"))
+    assert cached["teacher_scores"] == first["teacher_scores"]

@@ -209,26 +209,24 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
         m = run_embedding(cfg, progress=False)
         return {"scores": {n: r["spearman"] for n, r in m["after"].items()}, **_train_facts(m)}
     from lmdistill.config import resolve_data_path
-    from lmdistill.eval.bpb import bpb_eval
-    from lmdistill.eval.generation import rouge_eval
-    from lmdistill.train.lm import rouge_limit, run_lm
+    from lmdistill.train.lm import run_lm
 
     cfg = load_config(config, ov)
     if vkind in ("teacher", "student"):
-        ref, tok = (cfg.teacher, None) if vkind == "teacher" else (cfg.student, None)
-        if vkind == "student" and cfg.student_layers:  # the pruned student, as training starts from it
-            from lmdistill import models
-            from lmdistill.train.lm import load_student_lm
+        from lmdistill.train.lm import evaluate_lm, teacher_lm_scores
 
-            ref, tok = load_student_lm(cfg).to(models.default_device()).eval(), models.load_tokenizer(cfg.student)
-        scores = {}
-        for n, p in cfg.data.eval.items():
-            path = resolve_data_path(p, cfg)
-            r = rouge_eval(ref, path, cfg.eval.max_new_tokens, cfg.eval.seeds, cfg.eval.greedy, rouge_limit(cfg),
-                           cfg.eval.batch_size, progress=False, tokenizer=tok)
-            b = bpb_eval(ref, path, cfg.data.eval_limit, cfg.eval.batch_size, progress=False, tokenizer=tok)
-            scores[n] = {"rougeL": r["rougeL"], "bpb": b["bpb"], "bpb_pooled": b["bpb_pooled"], "n": r["n"]}
-        return {"scores": scores}
+        sets = {n: resolve_data_path(p, cfg) for n, p in cfg.data.eval.items()}
+        if vkind == "teacher":  # scored once per teacher, file, settings and evaluation code (cached)
+            res = teacher_lm_scores(cfg, sets, None, lambda ref, tok, todo: evaluate_lm(cfg, todo, ref, tok, False))
+        else:
+            ref, tok = cfg.student, None
+            if cfg.student_layers:  # the pruned student, as training starts from it
+                from lmdistill import models
+                from lmdistill.train.lm import load_student_lm
+
+                ref, tok = load_student_lm(cfg).to(models.default_device()).eval(), models.load_tokenizer(cfg.student)
+            res = evaluate_lm(cfg, sets, ref, tok, False)
+        return {"scores": {n: {k: r.get(k) for k in ("rougeL", "bpb", "bpb_pooled", "n")} for n, r in res.items()}}
     cfg.eval.before = False
     cfg.eval.teacher = False
     m = run_lm(cfg, progress=False)

@@ -10,6 +10,7 @@ response, and hands both sides to the method.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -118,6 +119,63 @@ class LMDistillModel(nn.Module):
         return out
 
 
+def evaluate_lm(cfg: Config, sets: dict, ref_or_model, tok, progress: bool = True) -> dict:
+    """ROUGE-L (not on the selection set "holdout") and bits per byte on each evaluation set."""
+    from lmdistill.eval.bpb import bpb_eval
+    from lmdistill.eval.generation import rouge_eval
+
+    res = {}
+    for name, path in sets.items():
+        r = {}
+        if rouge_limit(cfg) != 0 and name != "holdout":  # the selection set: bits per byte only
+            r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
+                           greedy=cfg.eval.greedy, limit=rouge_limit(cfg), batch_size=cfg.eval.batch_size,
+                           tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p, progress=progress)
+        if cfg.eval.bpb:
+            r.update({k: v for k, v in bpb_eval(ref_or_model, path, limit=cfg.data.eval_limit, tokenizer=tok,
+                                                 batch_size=cfg.eval.batch_size, progress=progress).items()
+                      if k != "n"})
+        res[name] = r
+    return res
+
+
+def teacher_lm_scores(cfg: Config, evals: dict, teacher, evaluate) -> dict:
+    """The teacher's reference scores on each evaluation set, cached per (teacher weights, file,
+    evaluation settings, evaluation code): a teacher is scored once, not at every run or seed.
+    ``teacher`` None (training from a teacher cache): it is loaded only if a score is missing."""
+    import lmdistill.data.readers as readers_mod
+    import lmdistill.eval.bpb as bpb_mod
+    import lmdistill.eval.generation as gen_mod
+    from lmdistill.report.card import file_sha256
+    from lmdistill.train.cache import code_hash
+
+    root = models.cache_root(cfg.cache_dir) / "teacher_scores"
+    root.mkdir(parents=True, exist_ok=True)
+    e = cfg.eval
+    settings = {"teacher": models.fingerprint(cfg.teacher, cfg.cache_dir), "rouge_limit": rouge_limit(cfg),
+                "eval_limit": cfg.data.eval_limit, "max_new_tokens": e.max_new_tokens, "greedy": e.greedy,
+                "seeds": list(e.seeds), "temperature": e.temperature, "top_p": e.top_p, "bpb": e.bpb,
+                "batch_size": e.batch_size, "code": code_hash(gen_mod, bpb_mod, readers_mod)[:12]}
+    out, todo = {}, {}
+    for name, path in evals.items():
+        key = json.dumps({**settings, "file": file_sha256(path), "selection_set": name == "holdout"}, sort_keys=True)
+        f = root / f"lm-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+        if f.exists():
+            out[name] = json.loads(f.read_text())
+        else:
+            todo[name] = (path, f)
+    if todo:
+        ref = teacher if teacher is not None else models.load_causal_lm(
+            cfg.teacher, cfg.cache_dir, cfg.trust_remote_code).to(models.default_device())
+        t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
+        scores = evaluate(ref.eval(), t_tok, {name: path for name, (path, _) in todo.items()})
+        for name, (_, f) in todo.items():
+            out[name] = scores[name]
+            f.write_text(json.dumps(scores[name]))
+        del ref
+    return {name: out[name] for name in evals}
+
+
 def training_rows(cfg: Config) -> tuple[list, list]:
     """``(rows trained on, held-out rows)`` of an LM config, in file order (``data.max_examples``,
     then ``data.holdout``)."""
@@ -206,8 +264,6 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
     """Train a causal-LM student with ``cfg``; returns (and writes) the run's metrics."""
     from datasets import Dataset
 
-    from lmdistill.eval.bpb import bpb_eval
-    from lmdistill.eval.generation import rouge_eval
 
     t_start = time.time()
     cls = get_method(cfg.method, "lm")
@@ -237,30 +293,13 @@ def run_lm(cfg: Config, teacher_needed: bool | None = None, progress: bool = Tru
         targets = open_lm_teacher_cache(cfg, method, s_tok, t_tok)
         metrics["teacher_cache"] = targets.summary()
 
-    def evaluate(ref_or_model, tok) -> dict:
-        res = {}
-        for name, path in evals.items():
-            r = {}
-            if rouge_limit(cfg) != 0 and name != "holdout":  # the selection set: bits per byte only
-                r = rouge_eval(ref_or_model, path, max_new_tokens=cfg.eval.max_new_tokens, seeds=cfg.eval.seeds,
-                               greedy=cfg.eval.greedy, limit=rouge_limit(cfg), batch_size=cfg.eval.batch_size,
-                               tokenizer=tok, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-                               progress=progress)
-            if cfg.eval.bpb:
-                r.update({k: v for k, v in bpb_eval(ref_or_model, path, limit=cfg.data.eval_limit, tokenizer=tok,
-                                                     batch_size=cfg.eval.batch_size, progress=progress).items()
-                          if k != "n"})
-            res[name] = r
-        return res
+    def evaluate(ref_or_model, tok, sets: dict | None = None) -> dict:
+        return evaluate_lm(cfg, evals if sets is None else sets, ref_or_model, tok, progress)
 
     if evals and cfg.eval.before:
         metrics["before"] = evaluate(student, s_tok)
-    if evals and cfg.eval.teacher and teacher is not None:
-        metrics["teacher_scores"] = evaluate(teacher, t_tok)
-    elif evals and cfg.eval.teacher and cached:  # loaded for its scores alone, then freed
-        ref = models.load_causal_lm(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code).to(models.default_device())
-        metrics["teacher_scores"] = evaluate(ref.eval(), t_tok)
-        del ref
+    if evals and cfg.eval.teacher and (teacher is not None or cached):
+        metrics["teacher_scores"] = teacher_lm_scores(cfg, evals, teacher, evaluate)
     set_seed(cfg.train.seed)  # projector initialisation is part of the run's seed
     if method is None:
         method = build_method(cfg, student, teacher, s_tok, t_tok)
