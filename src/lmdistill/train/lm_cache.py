@@ -92,7 +92,7 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
-def _method_and_tokenizers(cfg: Config, student_config_only: bool = True):
+def _method_and_tokenizers(cfg: Config):
     """The configured method built for the cache (the student: its config only; the teacher: loaded)."""
     from lmdistill.train.lm import build_method
 
@@ -106,7 +106,8 @@ def _method_and_tokenizers(cfg: Config, student_config_only: bool = True):
 
 
 def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
-    """Run the teacher over the training rows once and store the method's targets (resumes)."""
+    """Run the teacher over the training rows once (``eval.batch_size`` rows a forward) and store
+    the method's targets (resumes)."""
     from tqdm.auto import tqdm
 
     from lmdistill.data.collate import InstructionCollator
