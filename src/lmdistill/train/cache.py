@@ -87,3 +87,21 @@ def load_cache(path: Path, key: dict[str, str]) -> torch.Tensor:
     if emb.shape[0] != int(key["n"]):
         raise LmdistillError(f"teacher cache {str(path)!r} has {emb.shape[0]} rows, expected {key['n']}: rebuild it")
     return emb
+
+
+def cached_per_file(files: dict[str, Path], compute) -> dict[str, dict]:
+    """``{name: result}``: read from ``files[name]`` (JSON) where it exists; the missing names go
+    to ``compute(names) -> {name: result}`` in one call (so a model is loaded once, if at all),
+    and their results are written."""
+    out, todo = {}, []
+    for name, f in files.items():
+        if f.exists():
+            out[name] = json.loads(f.read_text())
+        else:
+            todo.append(name)
+    if todo:
+        res = compute(todo)
+        for name in todo:
+            out[name] = res[name]
+            files[name].write_text(json.dumps(res[name]))
+    return {name: out[name] for name in files}

@@ -159,22 +159,18 @@ def teacher_scores(cfg: Config, evals: dict[str, Path], progress: bool = True) -
     root.mkdir(parents=True, exist_ok=True)
     fp = models.fingerprint(cfg.teacher, cfg.cache_dir)
     code = tcache.code_hash(sts_mod, readers_mod)[:12]
-    out, todo = {}, {}
-    for name, path in evals.items():
-        f = root / f"{fp}-{tcache.sentences_hash([Path(path).read_text(encoding='utf-8')])[:16]}-{code}.json"
-        if f.exists():
-            out[name] = json.loads(f.read_text())
-        else:
-            todo[name] = (path, f)
-    if todo:
+    files = {name: root / f"{fp}-{tcache.sentences_hash([Path(path).read_text(encoding='utf-8')])[:16]}-{code}.json"
+             for name, path in evals.items()}
+
+    def compute(todo: list[str]) -> dict:
         teacher = models.load_sentence_model(cfg.teacher, cache_dir=cfg.cache_dir,
                                              trust_remote_code=cfg.trust_remote_code)
-        for name, (path, f) in todo.items():
-            out[name] = sts_spearman(teacher, read_sts(path), cfg.eval.batch_size, progress)
-            f.write_text(json.dumps(out[name]))
+        res = {name: sts_spearman(teacher, read_sts(evals[name]), cfg.eval.batch_size, progress) for name in todo}
         del teacher
         gc.collect()
-    return out
+        return res
+
+    return tcache.cached_per_file(files, compute)
 
 
 def evaluate_sts(model, evals: dict[str, Path], batch_size: int, progress: bool = True) -> dict[str, dict]:

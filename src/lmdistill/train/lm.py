@@ -147,7 +147,7 @@ def teacher_lm_scores(cfg: Config, evals: dict, teacher, evaluate) -> dict:
     import lmdistill.eval.bpb as bpb_mod
     import lmdistill.eval.generation as gen_mod
     from lmdistill.report.card import file_sha256
-    from lmdistill.train.cache import code_hash
+    from lmdistill.train.cache import cached_per_file, code_hash
 
     root = models.cache_root(cfg.cache_dir) / "teacher_scores"
     root.mkdir(parents=True, exist_ok=True)
@@ -156,24 +156,18 @@ def teacher_lm_scores(cfg: Config, evals: dict, teacher, evaluate) -> dict:
                 "eval_limit": cfg.data.eval_limit, "max_new_tokens": e.max_new_tokens, "greedy": e.greedy,
                 "seeds": list(e.seeds), "temperature": e.temperature, "top_p": e.top_p, "bpb": e.bpb,
                 "batch_size": e.batch_size, "code": code_hash(gen_mod, bpb_mod, readers_mod)[:12]}
-    out, todo = {}, {}
+    files = {}
     for name, path in evals.items():
         key = json.dumps({**settings, "file": file_sha256(path), "selection_set": name == "holdout"}, sort_keys=True)
-        f = root / f"lm-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
-        if f.exists():
-            out[name] = json.loads(f.read_text())
-        else:
-            todo[name] = (path, f)
-    if todo:
+        files[name] = root / f"lm-{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def compute(todo: list[str]) -> dict:
         ref = teacher if teacher is not None else models.load_causal_lm(
             cfg.teacher, cfg.cache_dir, cfg.trust_remote_code).to(models.default_device())
         t_tok = models.load_tokenizer(cfg.teacher, cfg.cache_dir, cfg.trust_remote_code)
-        scores = evaluate(ref.eval(), t_tok, {name: path for name, (path, _) in todo.items()})
-        for name, (_, f) in todo.items():
-            out[name] = scores[name]
-            f.write_text(json.dumps(scores[name]))
-        del ref
-    return {name: out[name] for name in evals}
+        return evaluate(ref.eval(), t_tok, {name: evals[name] for name in todo})
+
+    return cached_per_file(files, compute)
 
 
 def training_rows(cfg: Config) -> tuple[list, list]:
