@@ -24,6 +24,12 @@ The fair search, then the seeds (every method the same way):
     python benchmarks/lm_quality.py --preset cpu2 --settings-from benchmarks/results/lm-search-cpu2-*.json \
         --seeds 42,43,44
         each method at the learning rate that won its search, on the reported sets
+With --set data.teacher_cache=auto every method that can train from a teacher cache does (the
+cache is built on its first run and read by every learning rate and seed); DSKD, which cannot,
+trains online; each run records where its teacher came from (teacher_source).
+    python benchmarks/lm_quality.py --preset cpu2 --cache-cost 64 --settings-from benchmarks/results/lm-search-cpu2-*.json
+        SRA online against SRA from a teacher cache of the top 64 (one seed, the held-out rows):
+        what the cache costs in quality, its size per row and in all, and its build time
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmdistill.bench.quality import LM_VARIANTS, run_benchmark  # noqa: E402
+from lmdistill.bench.quality import LM_VARIANTS, Variant, run_benchmark  # noqa: E402
 
 CONFIG = ROOT / "configs" / "sra-gemma270m-to-smollm2.yaml"
 PRESETS = {
@@ -70,8 +76,18 @@ def main() -> None:
                          "scored on the held-out rows only")
     ap.add_argument("--settings-from", nargs="+", default=None,
                     help="search records: each method runs at the learning rate that won its search")
+    ap.add_argument("--cache-cost", default=None,
+                    help="comma-separated top-k values: SRA online against SRA from a teacher cache of each top k, at "
+                         "SRA's chosen setting (--settings-from), on the held-out rows -> lm-cache-<preset>-<time>.json")
     args = ap.parse_args()
     overrides = list(PRESETS[args.preset]) + list(args.set)
+    variants, name = LM_VARIANTS, None
+    if args.cache_cost:  # what training from the cache costs in quality, against the online teacher
+        variants = [Variant("sra", ["method=sra"])] + [  # one cached variant per top k
+            Variant(f"sra: teacher cache, top {k}", ["method=sra", "data.teacher_cache=auto", f"data.teacher_top_k={k}"],
+                    group="ablation") for k in args.cache_cost.split(",")]
+        overrides.append("data.eval={}")
+        name = f"lm-cache-{args.preset}"
     search = [float(x) for x in args.search_lr.split(",")] if args.search_lr else None
     if search:
         overrides.append("data.eval={}")  # the search sees only the held-out rows
@@ -93,10 +109,11 @@ def main() -> None:
         overrides.append("data.eval={" + ", ".join(f"{k}: {v}" for k, v in evals.items()) + "}")
     only = args.only.split(",") if args.only else None
     seeds = [int(x) for x in args.seeds.split(",")]
-    out = run_benchmark("lm", str(CONFIG), args.preset, LM_VARIANTS, seeds, overrides, ROOT / "benchmarks" / "results",
+    seeds = seeds[:1] if args.cache_cost else seeds
+    out = run_benchmark("lm", str(CONFIG), args.preset, variants, seeds, overrides, ROOT / "benchmarks" / "results",
                         Path(args.work_dir), only, keep_students=Path(args.keep_students) if args.keep_students else None,
                         search_lr=search, settings=settings,
-                        settings_from=[Path(f).name for f in args.settings_from or []])
+                        settings_from=[Path(f).name for f in args.settings_from or []], name=name)
     print(f"results: {out}")
 
 

@@ -166,6 +166,28 @@ def search_section(rec: dict) -> str:
             f"{markdown_table(['variant', f'tried ({score} on the selection set)', 'chosen', 'best'], rows)}\n")
 
 
+def cache_section(rec: dict) -> str:
+    """SRA from a teacher cache against SRA online: quality on the selection rows, size, build time."""
+    rows = []
+    for r in rec["runs"]:
+        if not r.get("scores"):
+            rows.append([r["variant"], "-", "failed: " + str(r.get("error"))[:80], "-", "-", "-"])
+            continue
+        c = r.get("teacher_cache") or {}
+        size = f"{c['bytes_per_row'] / 2**10:.0f} KB a row, {c['bytes'] / 2**20:.0f} MB for {c['rows']} rows" if c else "-"
+        build = fmt(c["build_seconds"] / 60, None, 1) if c.get("build_seconds") else "-"
+        rows.append([r["variant"], r.get("teacher_source") or "-", fmt(r["scores"]["holdout"]["bpb"], None, 3),
+                     fmt(r.get("seconds_per_step"), None, 2), size, build])
+    rc = rec["resolved_config"]
+    chosen = (rec.get("settings") or {}).get("sra", {})
+    setting = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "the preset's"
+    header = ["variant", "teacher", "bits/byte", "s/step", "cache size", "cache build (min)"]
+    return (f"### SRA from the teacher cache against the online teacher ({rec['preset']} preset)\n\n{_stamp(rec)}. "
+            f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}); bits per byte on the "
+            f"{rc['data']['holdout']} held-out selection rows; the cache stores span CoMs and log-probabilities in "
+            f"{rc['data']['teacher_cache_dtype']}.\n\n{markdown_table(header, rows)}\n")
+
+
 def speed_section(rec: dict) -> str:
     to_sft = any("ratio_to_sft" in r for r in rec["methods"].values())
     rows = [["floor", fmt(rec["floor"]["s_per_step"], None, 3), fmt(rec["floor"]["peak_mb"], None, 0), "1.00"]
@@ -192,7 +214,7 @@ def main() -> None:
     for prefix, fn in (("embedding-search-cpu", search_section), ("embedding-cpu", embedding_section),
                        ("embedding-full", embedding_section),
                        ("lm-search-cpu2", search_section), ("lm-cpu", lm_section), ("lm-cpu2", lm_section),
-                       ("lm-full", lm_section),
+                       ("lm-full", lm_section), ("lm-cache-cpu2", cache_section),
                        ("speed-embedding", speed_section), ("speed-lm", speed_section)):
         rec = _merged(prefix, args.allow_dirty)
         if rec and (part := fn(rec)):

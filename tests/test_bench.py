@@ -27,6 +27,16 @@ def test_speed_benchmark_json(gpt2_lm, llama_lm, instructions_file):
         assert m["ratio"] > 0 and m["peak_mb"] > 0 and m["s_per_step_sd"] is not None and m["s_min"] <= m["s_max"]
 
 
+def test_speed_benchmark_times_talas_with_its_options(tiny_st, tiny_st_student, sentences_file):
+    from lmdistill.bench.speed import OPTION_ROWS, speed_benchmark
+
+    rows = ["talas", "talas (no task term, ASAM every 2nd step)"]
+    res = speed_benchmark("embedding", rows, steps=2, overrides=[f"teacher={tiny_st}", f"student={tiny_st_student}",
+                                                                 "student_layers=null", f"data.train=[{sentences_file}]"])
+    assert list(res["methods"]) == rows and all(r["s_per_step"] > 0 for r in res["methods"].values())
+    assert OPTION_ROWS[rows[1]] == ["method_args.w_task=0.0", "train.asam_interval=2"]
+
+
 def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):
     variants = [Variant("teacher", kind="teacher", group="reference"), Variant("student", kind="student"),
                 Variant("talas", ["method=talas"]), Variant("rkd", ["method=rkd", "method_args={}"]),
@@ -79,6 +89,34 @@ def test_embedding_search_crosses_projector_inits_and_selects_the_highest(tiny_s
     assert all("method_args.projector_init" not in r["setting"] for r in rec["runs"] if r["variant"] == "rkd")
     chosen = select([rec], on="dev", metric=None, higher_is_better=True)
     assert chosen["talas"]["score"] == max(r["scores"]["dev"] for r in rec["runs"] if r["variant"] == "talas")
+
+
+def test_a_knob_variant_runs_only_when_named(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):
+    variants = [Variant("rkd", ["method=rkd", "method_args={}"]),
+                Variant("talas: rho 0.5", ["method=talas", "train.rho=0.5"], group="knob")]
+    common = ("embedding", str(ROOT / "configs/tiny/talas-tiny.yaml"), "test", variants, [0])
+    ov = [f"teacher={tiny_st}", f"student={tiny_st_student}", f"data.train=[{sentences_file}]",
+          f"data.eval={{dev: {sts_file}}}", "train.max_steps=1"]
+    everything = json.loads(run_benchmark(*common, ov, tmp_path / "r1", tmp_path / "w").read_text())
+    assert [r["variant"] for r in everything["runs"]] == ["rkd"]
+    named = json.loads(run_benchmark(*common, ov, tmp_path / "r2", tmp_path / "w", only=["talas: rho 0.5"]).read_text())
+    assert [r["variant"] for r in named["runs"]] == ["talas: rho 0.5"] and "error" not in named["runs"][0]
+    # in a search given the methods' choices, a knob runs once at its method's; a method runs its grid
+    chosen = {"talas": {"train.lr": "0.0005", "method_args.projector_init": "xavier"}}
+    rec = json.loads(run_benchmark(*common, ov, tmp_path / "r3", tmp_path / "w", only=["rkd", "talas: rho 0.5"],
+                                   search_lr=[1, 2], settings=chosen, settings_from=["s.json"]).read_text())
+    assert [(r["variant"], r["setting"]) for r in rec["runs"]] == [
+        ("rkd", {"train.lr": "0.001"}), ("rkd", {"train.lr": "0.002"}), ("talas: rho 0.5", chosen["talas"])]
+    assert rec["search"]["knobs_at"] == chosen and "settings" not in rec
+
+
+def test_an_ablation_takes_its_methods_setting_unless_searched_itself():
+    from lmdistill.bench.quality import setting_for
+
+    chosen = {"sra": {"train.lr": "0.001"}, "sra: authors' regime": {"train.lr": "0.003"}}
+    assert setting_for(Variant("sra: no geometric term", group="ablation"), chosen) == chosen["sra"]
+    assert setting_for(Variant("sra: authors' regime", group="ablation"), chosen) == chosen["sra: authors' regime"]
+    assert setting_for(Variant("sft"), chosen) == {} and setting_for(Variant("sra: x", group="ablation"), None) == {}
 
 
 def test_plot_labels_are_spread_apart_in_order():
@@ -163,3 +201,21 @@ def test_lm_search_selects_on_the_holdout_and_the_seeds_run_at_the_choice(gpt2_l
     lr = [h["learning_rate"] for h in run["log_history"] if "learning_rate" in h]
     lr0 = [h["learning_rate"] for h in first["log_history"] if "learning_rate" in h]
     assert lr and lr[0] == pytest.approx(lr0[0] * 5)
+
+
+def test_lm_benchmark_with_a_teacher_cache_builds_it_once_and_trains_dskd_online(gpt2_lm, llama_lm, instructions_file,
+                                                                                tmp_path):
+    variants = [Variant("uld", ["method=uld", "method_args={}"]), Variant("dskd", ["method=dskd", "method_args={}"]),
+                Variant("sft", ["method=sft", "method_args={}"])]
+    common = [f"teacher={gpt2_lm}", f"student={llama_lm}", f"data.train=[{instructions_file}]", "data.holdout=1",
+              "train.max_steps=2", "train.warmup_ratio=0", "data.eval={}", f"data.teacher_cache={tmp_path / 'tc'}"]
+    out = run_benchmark("lm", str(ROOT / "configs/tiny/sra-tiny.yaml"), "test", variants, [7], common,
+                        tmp_path / "results", tmp_path / "work", search_lr=[1, 2])
+    runs = json.loads(out.read_text())["runs"]
+    assert all("error" not in r for r in runs), [r.get("error") for r in runs]
+    source = {(r["variant"], r["setting"]["train.lr"]): r["teacher_source"] for r in runs}
+    assert set(source.values()) == {"cache", "online", None}
+    assert [s for (v, _), s in source.items() if v == "uld"] == ["cache", "cache"]
+    assert [s for (v, _), s in source.items() if v == "dskd"] == ["online", "online"]
+    uld = [r["teacher_cache"] for r in runs if r["variant"] == "uld"]
+    assert uld[0] == uld[1] and uld[0]["rows"] >= 1 and uld[0]["bytes"] > 0  # one cache, read by both points

@@ -207,3 +207,18 @@ def test_the_teachers_reference_scores_are_computed_once(llama_lm, gpt2_lm, inst
     cached, _ = _cached_run(llama_lm, gpt2_lm, instructions_file, tmp_path, "cached", *ev,
                             guard=lambda: request.getfixturevalue("no_teacher_weights"))
     assert cached["teacher_scores"] == first["teacher_scores"]
+
+
+def test_one_token_logit_cache_serves_every_token_level_method(llama_lm, gpt2_lm, instructions_file, tmp_path,
+                                                                request):
+    """ULD's cache holds the teacher's response logits, which MinED and MultiLevelOT read too: one
+    build serves the three; SRA's span targets are its own and refuse it."""
+    _, cache = _cached_run(llama_lm, gpt2_lm, instructions_file, tmp_path, "uld", "method=uld", "method_args={}")
+    request.getfixturevalue("no_teacher_weights")
+    for method in ("mined", "multilevel_ot"):
+        m = run_lm(_cfg(llama_lm, gpt2_lm, instructions_file, tmp_path / method, f"method={method}", "method_args={}",
+                        f"data.teacher_cache={cache}"), progress=False)
+        assert m["teacher_cache"]["folder"] == str(cache)
+    with pytest.raises(LmdistillError, match="another configuration"):
+        run_lm(_cfg(llama_lm, gpt2_lm, instructions_file, tmp_path / "sra", f"data.teacher_cache={cache}"),
+               progress=False)

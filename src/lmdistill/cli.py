@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="run the teacher once into a cache: embeddings (embedding configs) or the "
                                      "method's targets (LM configs; train from it with data.teacher_cache=auto)")
-    c.add_argument("config", help="an embedding config")
+    c.add_argument("config", help="a config: embedding, or LM with a method that can train from a cache")
     c.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     c.set_defaults(func=cmd_cache)
 

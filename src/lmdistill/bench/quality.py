@@ -45,6 +45,12 @@ EMBEDDING_VARIANTS = [
     Variant("talas: detach_upper", ["method=talas", "method_args.detach_upper=true"], group="ablation"),
     Variant("talas: K=1", ["method=talas", "method_args.k=1"], group="ablation"),
     Variant("talas: K=3", ["method=talas", "method_args.k=3"], group="ablation"),
+    # TALAS's own knobs, searched on the dev split at TALAS's chosen learning rate and init
+    *[Variant(f"talas: rho {r}", ["method=talas", f"train.rho={r}"], group="knob") for r in (0.2, 0.5, 1.0)],
+    Variant("talas: eta 0.1", ["method=talas", "train.eta=0.1"], group="knob"),
+    *[Variant(f"talas: clip {c}", ["method=talas", f"train.clip={c}"], group="knob") for c in ("per_group", "none")],
+    Variant("talas: start_layer 1", ["method=talas", "method_args.start_layer=1"], group="knob"),
+    Variant("talas: no task term", ["method=talas", "method_args.w_task=0.0"], group="knob"),
 ]
 
 # SRA as the authors' scripts run it (sonho4ng/SRAv4, mistral_tinyllama.sh): LoRA r 32, alpha 64,
@@ -128,7 +134,7 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
                   keep_students: Path | None = None, search_lr: list[float] | None = None,
                   settings: dict[str, dict[str, str]] | None = None, settings_from: list[str] | None = None,
                   search_inits: list[str] | None = None,
-                  selection: str = "lowest bits per byte on the held-out rows") -> Path:
+                  selection: str = "lowest bits per byte on the held-out rows", name: str | None = None) -> Path:
     """Train and evaluate every variant for every seed; returns the result JSON's path.
 
     ``keep_students``: every trained student folder is kept there as ``<variant>-s<seed>``
@@ -137,15 +143,19 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
     ``lr_grid``'s points (``search_inits``: crossed with projector initialisations); the record
     is ``<kind>-search-<preset>-<time>.json`` and ``select`` reads the choice from it.
     ``settings``: per variant, the overrides chosen by a search (``settings_from`` names the
-    search records, kept in the record)."""
+    search records, kept in the record). ``name``: the record's file name before its time stamp
+    (default ``<kind>-<preset>``)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_path = results_dir / (f"{kind}-search-{preset}-{stamp}.json" if search_lr else f"{kind}-{preset}-{stamp}.json")
+    name = name or (f"{kind}-search-{preset}" if search_lr else f"{kind}-{preset}")
+    out_path = results_dir / f"{name}-{stamp}.json"
     record = {"kind": kind, "preset": preset, "config": config, "overrides": overrides, "seeds": seeds,
               **environment(), "runs": []}
     if search_lr:
         record["search"] = {"lr_factors": search_lr, "projector_inits": search_inits, "selection": selection}
-    if settings:
+        if settings:  # the knobs of a search run at their base method's choice
+            record["search"].update(knobs_at=settings, settings_from=settings_from or [])
+    elif settings:
         record["settings"] = settings
         record["settings_from"] = settings_from or []
     base = load_config(config, overrides)
@@ -159,8 +169,12 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
     for v in variants:
         if only and v.name not in only or search_lr and v.kind != "train":
             continue
-        points = (lr_grid(config, overrides, v, search_lr, search_inits) if search_lr
-                  else [(settings or {}).get(v.name, {})])
+        if v.group == "knob" and not only:  # a knob runs only when named (at its base method's chosen setting)
+            continue
+        if search_lr and not (v.group == "knob" and settings):
+            points = lr_grid(config, overrides, v, search_lr, search_inits)
+        else:
+            points = [setting_for(v, settings)]
         run_seeds = [seeds[0]] if v.kind != "train" or search_lr else seeds
         for setting, seed in [(p, s) for p in points for s in run_seeds]:
             tag = "".join(f"-{k.split('.')[-1]}{val}" for k, val in setting.items())
@@ -189,6 +203,16 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
             brief = {k: entry.get(k) for k in ("setting", "scores", "seconds_per_step", "error")}
             print(f"[bench] {v.name} seed {seed}: {json.dumps(brief)}", flush=True)
     return out_path
+
+
+def setting_for(v: Variant, settings: dict[str, dict[str, str]] | None) -> dict[str, str]:
+    """A variant's chosen setting: its own search's, or, for an ablation or knob of a method
+    (named ``"method: ..."``) that was not searched itself, its method's."""
+    settings = settings or {}
+    if v.name in settings:
+        return settings[v.name]
+    base, sep, _ = v.name.partition(":")
+    return settings.get(base.strip(), {}) if sep and v.group != "method" else {}
 
 
 def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
@@ -229,12 +253,32 @@ def _run_one(kind: str, config: str, ov: list[str], vkind: str) -> dict:
         return {"scores": {n: {k: r.get(k) for k in ("rougeL", "bpb", "bpb_pooled", "n")} for n, r in res.items()}}
     cfg.eval.before = False
     cfg.eval.teacher = False
+    teacher_source = _lm_teacher_source(cfg)
     m = run_lm(cfg, progress=False)
     scores = {n: {k: r.get(k) for k in ("rougeL", "bpb", "bpb_pooled", "n")} for n, r in m["after"].items()}
-    out = {"scores": scores, **_train_facts(m)}
-    if "shared_vocab" in m:
-        out["shared_vocab"] = m["shared_vocab"]
+    out = {"scores": scores, **_train_facts(m), "teacher_source": teacher_source}
+    for key in ("shared_vocab", "teacher_cache"):
+        if key in m:
+            out[key] = m[key]
     return out
+
+
+def _lm_teacher_source(cfg) -> str | None:
+    """With ``data.teacher_cache`` set, a method that can train from a cache does, its cache built
+    first if it is not there yet (once: every learning rate and seed reads the same one); a method
+    that cannot (DSKD) trains online. Returns where the run's teacher came from (None: no teacher)."""
+    from lmdistill.registry import get_method
+
+    cls = get_method(cfg.method, "lm")
+    if not cls.needs_teacher:
+        return None
+    if cfg.data.teacher_cache is None or cls.cache_form is None:
+        cfg.data.teacher_cache = None
+        return "online"
+    from lmdistill.train.lm_cache import build_lm_teacher_cache
+
+    build_lm_teacher_cache(cfg, progress=False)
+    return "cache"
 
 
 def _train_facts(m: dict) -> dict:

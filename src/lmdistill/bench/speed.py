@@ -24,7 +24,12 @@ from lmdistill.config import load_config, resolve_data_path
 
 LM_METHODS = ["sft", "sft+gc", "sra", "sra+cache", "uld", "uld+cache", "mined", "mined+cache", "dskd",
               "multilevel_ot", "multilevel_ot+cache"]
-EMB_METHODS = ["talas", "embed_kd", "all_layer", "rkd", "stella"]
+EMB_METHODS = ["talas", "talas (no task term)", "talas (ASAM every 2nd step)",
+               "talas (no task term, ASAM every 2nd step)", "embed_kd", "all_layer", "rkd", "stella"]
+# a method with options: "<method> (<what>)" -> the overrides it runs with
+OPTION_ROWS = {"talas (no task term)": ["method_args.w_task=0.0"],
+               "talas (ASAM every 2nd step)": ["train.asam_interval=2"],
+               "talas (no task term, ASAM every 2nd step)": ["method_args.w_task=0.0", "train.asam_interval=2"]}
 PRESETS = {
     "cpu": {
         "lm": {"config": "configs/sra-gemma270m-to-smollm2.yaml", "batch": 4, "max_length": 128},
@@ -131,7 +136,7 @@ CACHE = "+cache"  # ... with this one, from its teacher targets as a cache holds
 
 
 def _base_name(method: str) -> str:
-    return method.removesuffix(GC).removesuffix(CACHE)
+    return method.removesuffix(GC).removesuffix(CACHE).partition(" (")[0]
 
 
 def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str], targets: str | None = None) -> dict:
@@ -139,7 +144,8 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
 
     if method.endswith(GC):
         method, overrides = method[: -len(GC)], list(overrides) + ["train.gradient_checkpointing=true"]
-    method = method.removesuffix(CACHE)
+    overrides = list(overrides) + OPTION_ROWS.get(method, [])
+    method = _base_name(method)
     if pair == "lm":
         wrapper, batch, cfg = _lm_step_fn(overrides, method, floor, targets)
     else:
@@ -155,7 +161,7 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
     params = [p for p in wrapper.parameters() if p.requires_grad]
     opt_name = "adamw" if floor else _recipe_optimizer(method, pair)
     opt = ASAM(torch.optim.AdamW(params, lr=1e-5), rho=0.0 if opt_name == "adamw" else cfg.train.rho,
-               eta=cfg.train.eta, max_grad_norm=1.0)
+               eta=cfg.train.eta, interval=cfg.train.asam_interval, max_grad_norm=1.0)
 
     def closure():
         loss = wrapper(**batch)["loss"]

@@ -57,12 +57,18 @@ def cache_key(cfg: Config, method, s_tok, t_tok) -> dict:
     """Everything a cache's targets depend on."""
     from lmdistill.report.card import data_file_hashes
 
-    return {"format": FORMAT, "method": cfg.method, "targets": method.cache_signature(),
+    return {"format": FORMAT, "method": _cache_owner(cfg, method), "targets": method.cache_signature(),
             "teacher": cfg.teacher, "teacher_fingerprint": models.fingerprint(cfg.teacher, cfg.cache_dir),
             "student_tokenizer": tokenizer_hash(s_tok), "teacher_tokenizer": tokenizer_hash(t_tok),
             "data": data_file_hashes(cfg), "max_examples": cfg.data.max_examples, "holdout": cfg.data.holdout,
             "max_length": cfg.data.max_length, "prompt_max_fraction": cfg.data.prompt_max_fraction,
             "top_k": cfg.data.teacher_top_k, "dtype": cfg.data.teacher_cache_dtype}
+
+
+def _cache_owner(cfg: Config, method) -> str:
+    """Who can read a cache: span targets are the method's own; token logits are the same for
+    every token-level method (ULD, MinED and MultiLevelOT read one cache)."""
+    return "token-level" if method.cache_form == "token_logits" else cfg.method
 
 
 def _key_hash(key: dict) -> str:
@@ -72,7 +78,7 @@ def _key_hash(key: dict) -> str:
 def cache_folder(cfg: Config, key: dict) -> Path:
     """``data.teacher_cache``: a folder, or ``auto`` (a folder named by the key in the cache folder)."""
     if cfg.data.teacher_cache in (None, "auto"):
-        return models.cache_root(cfg.cache_dir) / "lm-teacher" / f"{cfg.method}-{_key_hash(key)}"
+        return models.cache_root(cfg.cache_dir) / "lm-teacher" / f"{key['method']}-{_key_hash(key)}"
     return Path(cfg.data.teacher_cache)
 
 
@@ -256,7 +262,8 @@ class LMTeacherCache:
         m = self.manifest
         return {"folder": str(self.folder), "rows": m["rows"], "bytes": m["bytes"],
                 "bytes_per_row": round(m["bytes"] / max(m["rows"], 1)), "top_k": m["key"]["top_k"],
-                "dtype": m["key"]["dtype"], "shared_mass": m.get("shared_mass")}
+                "dtype": m["key"]["dtype"], "shared_mass": m.get("shared_mass"),
+                "build_seconds": m.get("seconds")}
 
 
 def open_lm_teacher_cache(cfg: Config, method, s_tok, t_tok) -> LMTeacherCache:
