@@ -61,6 +61,12 @@ PRESETS = {
 }
 
 
+def cache_variant(k: int) -> Variant:
+    """SRA trained from a teacher cache of the top ``k`` span log-probabilities."""
+    return Variant(f"sra: from a teacher cache of the top {k}",
+                   ["method=sra", "data.teacher_cache=auto", f"data.teacher_top_k={k}"], group="ablation")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -83,9 +89,7 @@ def main() -> None:
     overrides = list(PRESETS[args.preset]) + list(args.set)
     variants, name = LM_VARIANTS, None
     if args.cache_cost:  # what training from the cache costs in quality, against the online teacher
-        variants = [Variant("sra", ["method=sra"])] + [  # one cached variant per top k
-            Variant(f"sra: teacher cache, top {k}", ["method=sra", "data.teacher_cache=auto", f"data.teacher_top_k={k}"],
-                    group="ablation") for k in args.cache_cost.split(",")]
+        variants = [Variant("sra", ["method=sra"])] + [cache_variant(int(k)) for k in args.cache_cost.split(",")]
         overrides.append("data.eval={}")
         name = f"lm-cache-{args.preset}"
     search = [float(x) for x in args.search_lr.split(",")] if args.search_lr else None

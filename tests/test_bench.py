@@ -13,14 +13,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_speed_benchmark_json(gpt2_lm, llama_lm, instructions_file):
     r = subprocess.run([sys.executable, "-m", "lmdistill", "bench", "speed", "--pair", "lm", "--methods",
-                        "sft,sra,sra+cache,uld+cache,sft+gc",
+                        "sft,sra,sra+cache,sra (no span logit term)+cache,uld+cache,sft+gc",
                         "--steps", "2", "--json", "--set", f"student={gpt2_lm}", "--set", f"teacher={llama_lm}",
                         "--set", f"data.train=[{instructions_file}]"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1
     res = json.loads(lines[0])
-    assert set(res["methods"]) == {"sft", "sra", "sra+cache", "uld+cache", "sft+gc"}
+    assert set(res["methods"]) == {"sft", "sra", "sra+cache", "sra (no span logit term)+cache", "uld+cache", "sft+gc"}
     assert all(m["ratio_to_sft"] > 0 and m["peak_to_sft"] > 0 for m in res["methods"].values())
     assert res["floor"]["s_per_step"] > 0 and res["floor"]["peak_mb"] > 0
     for m in res["methods"].values():
@@ -30,7 +30,7 @@ def test_speed_benchmark_json(gpt2_lm, llama_lm, instructions_file):
 def test_speed_benchmark_times_talas_with_its_options(tiny_st, tiny_st_student, sentences_file):
     from lmdistill.bench.speed import OPTION_ROWS, speed_benchmark
 
-    rows = ["talas", "talas (no task term, ASAM every 2nd step)"]
+    rows = ["talas", "talas (no task term + ASAM every 2nd step)"]
     res = speed_benchmark("embedding", rows, steps=2, overrides=[f"teacher={tiny_st}", f"student={tiny_st_student}",
                                                                  "student_layers=null", f"data.train=[{sentences_file}]"])
     assert list(res["methods"]) == rows and all(r["s_per_step"] > 0 for r in res["methods"].values())
@@ -219,3 +219,16 @@ def test_lm_benchmark_with_a_teacher_cache_builds_it_once_and_trains_dskd_online
     assert [s for (v, _), s in source.items() if v == "dskd"] == ["online", "online"]
     uld = [r["teacher_cache"] for r in runs if r["variant"] == "uld"]
     assert uld[0] == uld[1] and uld[0]["rows"] >= 1 and uld[0]["bytes"] > 0  # one cache, read by both points
+
+
+def test_every_row_name_can_be_named_on_the_command_line():
+    """--only and --methods split on commas: no variant or speed row may contain one."""
+    from lmdistill.bench.quality import EMBEDDING_VARIANTS, LM_VARIANTS
+    from lmdistill.bench.speed import EMB_METHODS, LM_METHODS
+
+    names = [v.name for v in LM_VARIANTS + EMBEDDING_VARIANTS] + EMB_METHODS + LM_METHODS
+    assert not [n for n in names if "," in n]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import lm_quality
+
+    assert "," not in lm_quality.cache_variant(64).name

@@ -22,14 +22,15 @@ import torch
 
 from lmdistill.config import load_config, resolve_data_path
 
-LM_METHODS = ["sft", "sft+gc", "sra", "sra+cache", "uld", "uld+cache", "mined", "mined+cache", "dskd",
-              "multilevel_ot", "multilevel_ot+cache"]
+LM_METHODS = ["sft", "sft+gc", "sra", "sra+cache", "sra (no span logit term)+cache", "uld", "uld+cache", "mined",
+              "mined+cache", "dskd", "multilevel_ot", "multilevel_ot+cache"]
 EMB_METHODS = ["talas", "talas (no task term)", "talas (ASAM every 2nd step)",
-               "talas (no task term, ASAM every 2nd step)", "embed_kd", "all_layer", "rkd", "stella"]
+               "talas (no task term + ASAM every 2nd step)", "embed_kd", "all_layer", "rkd", "stella"]
 # a method with options: "<method> (<what>)" -> the overrides it runs with
-OPTION_ROWS = {"talas (no task term)": ["method_args.w_task=0.0"],
+OPTION_ROWS = {"sra (no span logit term)": ["method_args.w_logit=0.0"],
+               "talas (no task term)": ["method_args.w_task=0.0"],
                "talas (ASAM every 2nd step)": ["train.asam_interval=2"],
-               "talas (no task term, ASAM every 2nd step)": ["method_args.w_task=0.0", "train.asam_interval=2"]}
+               "talas (no task term + ASAM every 2nd step)": ["method_args.w_task=0.0", "train.asam_interval=2"]}
 PRESETS = {
     "cpu": {
         "lm": {"config": "configs/sra-gemma270m-to-smollm2.yaml", "batch": 4, "max_length": 128},
@@ -144,7 +145,7 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
 
     if method.endswith(GC):
         method, overrides = method[: -len(GC)], list(overrides) + ["train.gradient_checkpointing=true"]
-    overrides = list(overrides) + OPTION_ROWS.get(method, [])
+    overrides = list(overrides) + OPTION_ROWS.get(method.removesuffix(CACHE), [])
     method = _base_name(method)
     if pair == "lm":
         wrapper, batch, cfg = _lm_step_fn(overrides, method, floor, targets)
@@ -240,7 +241,8 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
             targets = None
             if m.endswith(CACHE):  # the targets first, in a process of their own (the teacher's memory stays there)
                 targets = str(Path(tmp) / f"{_base_name(m)}.safetensors")
-                _run_isolated(ov, _base_name(m), targets, fn=_write_targets)
+                _run_isolated(ov + OPTION_ROWS.get(m.removesuffix(CACHE), []), _base_name(m), targets,
+                              fn=_write_targets)
             r = _run_isolated(pair, m, False, steps, ov, targets)
             r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
             out["methods"][m] = r
