@@ -198,7 +198,9 @@ def speed_section(rec: dict) -> str:
     header = ["method", "s/step", "peak MB", "x floor"] + (["x SFT", "peak x SFT"] if to_sft else [])
     floor = ("teacher forward without LM head + student SFT step" if rec["pair"] == "lm"
              else "student step with a cached teacher (cosine KD, AdamW)")
-    return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed steps)\n\n"
+    rows_only = ", selected rows, a run of their own" if rec.get("selected") else ""
+    return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed "
+            f"steps{rows_only})\n\n"
             f"{_stamp(rec)}. Floor: {floor}. Peak memory on the CPU is the peak resident set of a fresh process "
             f"per method (model loading included).\n\n"
             f"{markdown_table(header, rows)}\n")
@@ -215,7 +217,8 @@ def main() -> None:
                        ("embedding-full", embedding_section),
                        ("lm-search-cpu2", search_section), ("lm-cpu", lm_section), ("lm-cpu2", lm_section),
                        ("lm-full", lm_section), ("lm-cache-cpu2", cache_section),
-                       ("speed-embedding", speed_section), ("speed-lm", speed_section)):
+                       ("speed-embedding", speed_section), ("speed-lm", speed_section),
+                       ("speed-rows-lm", speed_section)):
         rec = _merged(prefix, args.allow_dirty)
         if rec and (part := fn(rec)):
             parts.append(part)

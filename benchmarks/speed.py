@@ -1,7 +1,7 @@
 """Cost benchmark: seconds per step and peak memory of every method against its floor, for
 both pairs, written to benchmarks/results/speed-<pair>-<time>.json.
 
-    python benchmarks/speed.py [--pair lm|embedding|both] [--steps 3]
+    python benchmarks/speed.py [--pair lm|embedding|both] [--steps 20] [--methods sft,sra,sra+cache]
 """
 
 from __future__ import annotations
@@ -22,16 +22,20 @@ from lmdistill.report.records import environment  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pair", choices=["lm", "embedding", "both"], default="both")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--teacher", default=None, help="LM teacher override (cost does not depend on fine-tuning)")
+    ap.add_argument("--methods", default=None, help="comma-separated rows (default: all of the pair's)")
     args = ap.parse_args()
     for pair in (["embedding", "lm"] if args.pair == "both" else [args.pair]):
         ov = [f"teacher={args.teacher}"] if (args.teacher and pair == "lm") else []
-        res = speed_benchmark(pair, steps=args.steps, preset=args.preset, overrides=ov)
+        methods = args.methods.split(",") if args.methods else None
+        res = speed_benchmark(pair, methods, steps=args.steps, preset=args.preset, overrides=ov)
         res.update(environment())
         res["overrides"] = ov
-        out = ROOT / "benchmarks" / "results" / f"speed-{pair}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        res["selected"] = bool(methods)  # some rows only: a record of its own, beside the full table
+        name = f"speed-rows-{pair}" if methods else f"speed-{pair}"
+        out = ROOT / "benchmarks" / "results" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1))
         print(json.dumps({"floor": res["floor"], "methods": res["methods"]}, indent=1))
