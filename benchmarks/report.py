@@ -206,6 +206,22 @@ def speed_section(rec: dict) -> str:
             f"{markdown_table(header, rows)}\n")
 
 
+def dirty_section() -> str:
+    """Every committed record that came from an uncommitted tree, marked, with what it holds."""
+    rows = []
+    for f in sorted(RESULTS.glob("*.json")):
+        rec = json.loads(f.read_text())
+        if rec.get("git_dirty"):
+            held = (sorted({r["variant"] for r in rec["runs"]}) if "runs" in rec else list(rec.get("methods", {}))
+                    or [f"{len(rec.get('pairs', []))} tokenizer pairs"])
+            rows.append([f.name, str(rec.get("git_commit"))[:10] + "+dirty", ", ".join(held)[:160]])
+    if not rows:
+        return ""
+    return ("### Records from uncommitted trees (marked; not re-run from a clean commit)\n\n"
+            "Left out of the tables above unless `report.py --allow-dirty`; what they hold is quoted in the text "
+            "only with this mark.\n\n" + markdown_table(["record", "commit", "holds"], rows) + "\n")
+
+
 def main() -> None:
     import argparse
 
@@ -222,6 +238,8 @@ def main() -> None:
         rec = _merged(prefix, args.allow_dirty)
         if rec and (part := fn(rec)):
             parts.append(part)
+    if part := dirty_section():
+        parts.append(part)
     section = "\n".join(parts) if parts else "(no benchmark results yet)"
     (RESULTS / "RESULTS.md").write_text("# Benchmark results\n\n" + section.replace("benchmarks/results/", ""))
     update_readme(ROOT / "README.md", section)
