@@ -140,12 +140,17 @@ def _base_name(method: str) -> str:
     return method.removesuffix(GC).removesuffix(CACHE).partition(" (")[0]
 
 
+def _option_overrides(method: str) -> list[str]:
+    """The overrides of a row with options (``OPTION_ROWS``), whatever its suffixes."""
+    return OPTION_ROWS.get(method.removesuffix(GC).removesuffix(CACHE), [])
+
+
 def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str], targets: str | None = None) -> dict:
     from lmdistill.optim import ASAM
 
     if method.endswith(GC):
         method, overrides = method[: -len(GC)], list(overrides) + ["train.gradient_checkpointing=true"]
-    overrides = list(overrides) + OPTION_ROWS.get(method.removesuffix(CACHE), [])
+    overrides = list(overrides) + _option_overrides(method)
     method = _base_name(method)
     if pair == "lm":
         wrapper, batch, cfg = _lm_step_fn(overrides, method, floor, targets)
@@ -241,8 +246,7 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
             targets = None
             if m.endswith(CACHE):  # the targets first, in a process of their own (the teacher's memory stays there)
                 targets = str(Path(tmp) / f"{_base_name(m)}.safetensors")
-                _run_isolated(ov + OPTION_ROWS.get(m.removesuffix(CACHE), []), _base_name(m), targets,
-                              fn=_write_targets)
+                _run_isolated(ov + _option_overrides(m), _base_name(m), targets, fn=_write_targets)
             r = _run_isolated(pair, m, False, steps, ov, targets)
             r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
             out["methods"][m] = r
