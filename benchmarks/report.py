@@ -18,16 +18,20 @@ from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, up
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _merged(prefix: str, allow_dirty: bool = False) -> dict | None:
+def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
     """The latest run of a benchmark, with the runs of earlier files of the same protocol (same
     config and overrides) merged in: seeds run in separate sessions make one table. A (variant,
     seed) measured twice keeps its latest result; a reference (teacher, untrained student) is
     deterministic and counted once. Each run carries the commit of its file and whether that
-    tree was dirty; files from a dirty tree are left out unless ``allow_dirty``."""
+    tree was dirty; files from a dirty tree are left out unless ``allow_dirty``. ``keep``: a
+    test on a record, for prefixes that hold two protocols (a learning-rate search and a knob
+    search share ``embedding-search-cpu``)."""
     files = sorted(RESULTS.glob(f"{prefix}-*.json"))
     recs = []
     for f in files:
         rec = json.loads(f.read_text())
+        if keep is not None and not keep(rec):
+            continue
         if rec.get("git_dirty") and not allow_dirty:
             print(f"[report] {f.name}: from a dirty tree (commit {str(rec.get('git_commit'))[:10]}), left out; "
                   "--allow-dirty takes it", file=sys.stderr)
@@ -166,6 +170,29 @@ def search_section(rec: dict) -> str:
             f"{markdown_table(['variant', f'tried ({score} on the selection set)', 'chosen', 'best'], rows)}\n")
 
 
+def knob_section(rec: dict) -> str:
+    """A method's own knobs, each once at the method's chosen setting, against the method itself
+    in the same run, on the selection set (never reported)."""
+    ok = [r for r in rec["runs"] if r.get("scores")]
+    if not ok:
+        return ""
+    on = next(iter(ok[0]["scores"]))
+    base = {r["variant"]: r["scores"][on] for r in ok if r["group"] != "knob"}
+    rows = []
+    for r in rec["runs"]:
+        score = (r.get("scores") or {}).get(on)
+        ref = base.get(r["variant"].partition(":")[0].strip())
+        rows.append([r["variant"], fmt(score, None, 2) if score is not None else "failed: " + str(r.get("error"))[:60],
+                     fmt(score - ref, None, 2) if score is not None and ref is not None and r["group"] == "knob" else "-",
+                     fmt(r.get("seconds_per_step"), None, 2)])
+    at = "; ".join(f"{k}: {' '.join(f'{a}={b}' for a, b in v.items())}" for k, v in rec["search"]["knobs_at"].items()
+                   if k in base)
+    return (f"### Knob search, sentence embeddings ({rec['preset']} preset)\n\n{_stamp(rec)}. Seed "
+            f"{rec['seeds'][0]}, each knob once at its method's chosen setting ({at}); Spearman on {on}, never "
+            "reported; the difference is to the method itself in the same run.\n\n"
+            f"{markdown_table(['variant', f'{on} Spearman', 'difference', 's/step'], rows)}\n")
+
+
 def cache_section(rec: dict) -> str:
     """SRA from a teacher cache against SRA online: quality on the selection rows, size, build time."""
     rows = []
@@ -229,13 +256,17 @@ def main() -> None:
     ap.add_argument("--allow-dirty", action="store_true", help="also merge results from a dirty tree (marked so)")
     args = ap.parse_args()
     parts = []
-    for prefix, fn in (("embedding-search-cpu", search_section), ("embedding-cpu", embedding_section),
-                       ("embedding-full", embedding_section),
-                       ("lm-search-cpu2", search_section), ("lm-cpu", lm_section), ("lm-cpu2", lm_section),
-                       ("lm-full", lm_section), ("lm-cache-cpu2", cache_section),
-                       ("speed-embedding", speed_section), ("speed-lm", speed_section),
-                       ("speed-rows-lm", speed_section)):
-        rec = _merged(prefix, args.allow_dirty)
+    def knobs(rec):
+        return bool(rec.get("search", {}).get("knobs_at"))
+
+    for prefix, fn, keep in (("embedding-search-cpu", search_section, lambda r: not knobs(r)),
+                             ("embedding-search-cpu", knob_section, knobs), ("embedding-cpu", embedding_section, None),
+                             ("embedding-demo", embedding_section, None), ("embedding-full", embedding_section, None),
+                             ("lm-search-cpu2", search_section, None), ("lm-cpu", lm_section, None),
+                             ("lm-cpu2", lm_section, None), ("lm-full", lm_section, None),
+                             ("lm-cache-cpu2", cache_section, None), ("speed-embedding", speed_section, None),
+                             ("speed-lm", speed_section, None), ("speed-rows-lm", speed_section, None)):
+        rec = _merged(prefix, args.allow_dirty, keep)
         if rec and (part := fn(rec)):
             parts.append(part)
     if part := dirty_section():

@@ -110,6 +110,30 @@ def test_a_knob_variant_runs_only_when_named(tiny_st, tiny_st_student, sentences
     assert rec["search"]["knobs_at"] == chosen and "settings" not in rec
 
 
+def test_report_keeps_a_knob_search_apart_from_the_learning_rate_search(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def run(variant, group, score, lr="0.001"):
+        return {"variant": variant, "group": group, "seed": 0, "kind": "train", "setting": {"train.lr": lr},
+                "scores": {"dev": score}, "seconds_per_step": 1.0}
+
+    common = {"kind": "embedding", "preset": "t", "config": "c", "overrides": ["o"], "seeds": [0], "git_commit": "a" * 40,
+              "git_dirty": False, "machine": {"cpus": 2}, "versions": {"torch": "x"}}
+    lr = {**common, "time": "t0", "search": {"lr_factors": [1, 2]}, "runs": [run("talas", "method", 70.0),
+                                                                              run("talas", "method", 71.0, "0.002")]}
+    knob = {**common, "time": "t1", "search": {"lr_factors": [1], "knobs_at": {"talas": {"train.lr": "0.002"}}},
+            "runs": [run("talas", "method", 71.5, "0.002"), run("talas: rho 0.5", "knob", 72.0, "0.002")]}
+    (tmp_path / "embedding-search-t-20260101.json").write_text(json.dumps(lr))
+    (tmp_path / "embedding-search-t-20260102.json").write_text(json.dumps(knob))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    searched = report._merged("embedding-search-t", keep=lambda r: not r["search"].get("knobs_at"))
+    assert [r["setting"]["train.lr"] for r in searched["runs"]] == ["0.001", "0.002"]  # the later knob file is not it
+    section = report.knob_section(report._merged("embedding-search-t", keep=lambda r: bool(r["search"].get("knobs_at"))))
+    assert "| talas: rho 0.5 | 72.00 | 0.50 | 1.00 |" in section and "| talas | 71.50 | - | 1.00 |" in section
+    assert "talas: train.lr=0.002" in section
+
+
 def test_an_ablation_takes_its_methods_setting_unless_searched_itself():
     from lmdistill.bench.quality import setting_for
 
