@@ -217,19 +217,24 @@ def cache_section(rec: dict) -> str:
 
 def speed_section(rec: dict) -> str:
     to_sft = any("ratio_to_sft" in r for r in rec["methods"].values())
-    rows = [["floor", fmt(rec["floor"]["s_per_step"], None, 3), fmt(rec["floor"]["peak_mb"], None, 0), "1.00"]
-            + (["-", "-"] if to_sft else [])]
+    rows = [["floor", fmt(rec["floor"]["s_per_step"], rec["floor"].get("s_per_step_sd"), 3),
+             fmt(rec["floor"]["peak_mb"], None, 0), "1.00"] + (["-", "-"] if to_sft else [])]
     for name, r in rec["methods"].items():
-        rows.append([name, fmt(r["s_per_step"], r.get("s_per_step_sd"), 3), fmt(r["peak_mb"], None, 0), fmt(r["ratio"])]
-                    + ([fmt(r.get("ratio_to_sft")), fmt(r.get("peak_to_sft"))] if to_sft else []))
+        rows.append([name, fmt(r["s_per_step"], r.get("s_per_step_sd"), 3), fmt(r["peak_mb"], None, 0),
+                     fmt(r["ratio"], r.get("ratio_sd"))]
+                    + ([fmt(r.get("ratio_to_sft"), r.get("ratio_to_sft_sd")), fmt(r.get("peak_to_sft"))] if to_sft else []))
     header = ["method", "s/step", "peak MB", "x floor"] + (["x SFT", "peak x SFT"] if to_sft else [])
     floor = ("teacher forward without LM head + student SFT step" if rec["pair"] == "lm"
              else "student step with a cached teacher (cosine KD, AdamW)")
     rows_only = ", selected rows, a run of their own" if rec.get("selected") else ""
+    rounds = rec.get("rounds", 1)
+    spread = (f"; {rounds} rounds in alternating order, each row a fresh process each round: s/step is the mean over "
+              "rounds ± the sd of the round means, a ratio the median of its per-round ratios ± their sd"
+              if rounds > 1 else "; one round: ± is the sd over timed steps")
     return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed "
-            f"steps{rows_only})\n\n"
+            f"steps{' per round' if rounds > 1 else ''}{rows_only})\n\n"
             f"{_stamp(rec)}. Floor: {floor}. Peak memory on the CPU is the peak resident set of a fresh process "
-            f"per method (model loading included).\n\n"
+            f"per method (model loading included){spread}.\n\n"
             f"{markdown_table(header, rows)}\n")
 
 

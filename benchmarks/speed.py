@@ -1,7 +1,11 @@
 """Cost benchmark: seconds per step and peak memory of every method against its floor, for
 both pairs, written to benchmarks/results/speed-<pair>-<time>.json.
 
-    python benchmarks/speed.py [--pair lm|embedding|both] [--steps 20] [--methods sft,sra,sra+cache]
+    python benchmarks/speed.py [--pair lm|embedding|both] [--steps 10] [--rounds 3] [--methods sft,sra,sra+cache]
+
+Every row is timed in each of ``--rounds`` rounds (a fresh process each time, the order reversed
+every other round); a ratio is taken within its round and the record keeps the median and the
+spread over rounds, so a machine that drifts during the run cannot make a method beat its floor.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from lmdistill.report.records import environment  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--pair", choices=["lm", "embedding", "both"], default="both")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per row and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; ratios are medians over them")
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--teacher", default=None, help="LM teacher override (cost does not depend on fine-tuning)")
     ap.add_argument("--methods", default=None, help="comma-separated rows (default: all of the pair's)")
@@ -30,7 +35,7 @@ def main() -> None:
     for pair in (["embedding", "lm"] if args.pair == "both" else [args.pair]):
         ov = [f"teacher={args.teacher}"] if (args.teacher and pair == "lm") else []
         methods = args.methods.split(",") if args.methods else None
-        res = speed_benchmark(pair, methods, steps=args.steps, preset=args.preset, overrides=ov)
+        res = speed_benchmark(pair, methods, steps=args.steps, preset=args.preset, overrides=ov, rounds=args.rounds)
         res.update(environment())
         res["overrides"] = ov
         res["selected"] = bool(methods)  # some rows only: a record of its own, beside the full table

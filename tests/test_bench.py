@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from lmdistill.bench.quality import Variant, run_benchmark, summarise
+from lmdistill.errors import LmdistillError
 from lmdistill.report.records import markdown_table, plot_score_vs_cost, update_readme
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,31 @@ def test_speed_benchmark_times_talas_with_its_options(tiny_st, tiny_st_student, 
                                                                  "student_layers=null", f"data.train=[{sentences_file}]"])
     assert list(res["methods"]) == rows and all(r["s_per_step"] > 0 for r in res["methods"].values())
     assert OPTION_ROWS[rows[1]] == ["method_args.w_task=0.0", "train.asam_interval=2"]
+
+
+def test_speed_benchmark_rounds_take_each_ratio_within_its_round(tiny_st, tiny_st_student, sentences_file, monkeypatch):
+    from lmdistill.bench import speed
+
+    # a machine that slows down 2x after the first round, and one slow talas round: the ratio is
+    # the median of the per-round ratios (3, 3, 6), not the ratio of the means (4.2)
+    calls = {"n": 0, "talas": 0}
+
+    def fake(pair, method, floor, steps, ov, targets=None):
+        calls["n"] += 1
+        calls["talas"] += method == "talas"
+        slow = (2.0 if calls["n"] > 3 else 1.0) * (2.0 if method == "talas" and calls["talas"] == 3 else 1.0)
+        t = slow * (1.0 if floor else {"rkd": 1.5, "talas": 3.0}[method])
+        return {"s_per_step": t, "s_per_step_sd": 0.0, "s_min": t, "s_max": t, "peak_mb": 10.0, "optimizer": "x",
+                "batch": 2}
+
+    monkeypatch.setattr(speed, "_run_isolated", lambda *a, fn=None: fake(*a))
+    res = speed.speed_benchmark("embedding", ["rkd", "talas"], steps=2, rounds=3,
+                                overrides=[f"teacher={tiny_st}", f"student={tiny_st_student}"])
+    assert calls["n"] == 9 and res["rounds"] == 3
+    assert res["methods"]["talas"]["ratio"] == 3.0 and res["methods"]["talas"]["ratio_sd"] > 1.0
+    assert res["methods"]["rkd"]["s_per_step_rounds"] == [1.5, 3.0, 3.0]  # the drift is in the times, not the ratio
+    with pytest.raises(LmdistillError, match="rounds=0"):
+        speed.speed_benchmark("embedding", ["rkd"], rounds=0)
 
 
 def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):

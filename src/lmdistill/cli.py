@@ -191,7 +191,8 @@ def cmd_bench_speed(args) -> int:
     from lmdistill.bench.speed import speed_benchmark
 
     methods = args.methods.split(",") if args.methods else None
-    res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset, overrides=args.set)
+    res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset, overrides=args.set,
+                          rounds=args.rounds)
     if args.json:
         _json_out(res)
     else:
@@ -290,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = bsub.add_parser("speed", help="seconds per step and peak memory of each method")
     sp.add_argument("--pair", choices=["lm", "embedding"], required=True, help="which teacher/student pair")
     sp.add_argument("--methods", default=None, help="comma-separated methods (default all of the pair's)")
-    sp.add_argument("--steps", type=int, default=3, help="timed steps per method")
+    sp.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
+    sp.add_argument("--rounds", type=int, default=1,
+                    help="time every row this many times, in alternating order; ratios within a round, then the median")
     sp.add_argument("--preset", choices=["cpu"], default="cpu", help="batch and length preset")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set teacher=my/teacher --set student=my/student")

@@ -222,8 +222,16 @@ def _run_isolated(*args, fn=_measure) -> dict:
 
 
 def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3, preset: str = "cpu",
-                    overrides: list[str] | None = None) -> dict:
-    """The ``lmdistill bench speed`` result: the floor and every method, with ratios."""
+                    overrides: list[str] | None = None, rounds: int = 1) -> dict:
+    """The ``lmdistill bench speed`` result: the floor and every method, with ratios.
+
+    ``rounds``: the floor and every method are timed that many times, each time in a fresh
+    process, the order reversed every other round; a ratio is taken within its round (against
+    that round's floor, or that round's SFT), and the record gives its median over rounds and
+    their spread. A machine whose speed drifts between the start and the end of a run (seen
+    here: the floor moved 12% between two runs) then moves each ratio's numerator and
+    denominator together."""
+    import statistics
     import tempfile
     from pathlib import Path
 
@@ -231,6 +239,8 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
     from lmdistill.registry import get_method
 
     methods = methods or (LM_METHODS if pair == "lm" else EMB_METHODS)
+    if rounds < 1:
+        raise LmdistillError(f"rounds={rounds}: give 1 or more (each round times every row once)")
     for m in methods:
         cls = get_method(_base_name(m), "lm" if pair == "lm" else "embedding")
         if m.endswith(CACHE) and (pair != "lm" or cls.cache_form is None):
@@ -238,21 +248,48 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
                                  "DSKD and SFT have none)")
     p = PRESETS[preset][pair]
     ov = [f"train.batch_size={p['batch']}", f"data.max_length={p['max_length']}"] + list(overrides or [])
-    floor = _run_isolated(pair, "floor", True, steps, ov)
-    out = {"pair": pair, "steps": steps, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "floor": floor, "methods": {}}
+    per_round: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for m in methods:
-            targets = None
-            if m.endswith(CACHE):  # the targets first, in a process of their own (the teacher's memory stays there)
-                targets = str(Path(tmp) / f"{_base_name(m)}.safetensors")
-                _run_isolated(ov + _option_overrides(m), _base_name(m), targets, fn=_write_targets)
-            r = _run_isolated(pair, m, False, steps, ov, targets)
-            r["ratio"] = round(r["s_per_step"] / floor["s_per_step"], 3)
-            out["methods"][m] = r
-    sft = out["methods"].get("sft")
-    if sft:  # a cached method's cost against the student's SFT step (the least it can cost)
-        for r in out["methods"].values():
-            r["ratio_to_sft"] = round(r["s_per_step"] / sft["s_per_step"], 3)
-            r["peak_to_sft"] = round(r["peak_mb"] / sft["peak_mb"], 3)
+        targets: dict[str, str | None] = {}
+        for m in methods:  # the targets first, each in a process of its own (the teacher's memory stays there)
+            targets[m] = None
+            if m.endswith(CACHE):
+                targets[m] = str(Path(tmp) / f"{_base_name(m)}{len(targets)}.safetensors")
+                _run_isolated(ov + _option_overrides(m), _base_name(m), targets[m], fn=_write_targets)
+        for i in range(rounds):
+            order = ["floor", *methods]
+            got = {}
+            for m in (order if i % 2 == 0 else order[::-1]):
+                got[m] = (_run_isolated(pair, "floor", True, steps, ov) if m == "floor"
+                          else _run_isolated(pair, m, False, steps, ov, targets[m]))
+            per_round.append(got)
+
+    def pooled(name: str) -> dict:
+        """One row over its rounds: mean time per step and its spread over all timed steps."""
+        rs = [r[name] for r in per_round]
+        out = dict(rs[0])
+        means = [r["s_per_step"] for r in rs]
+        out["s_per_step"] = round(statistics.mean(means), 4)
+        if len(rs) > 1:
+            out["s_per_step_rounds"] = means
+            out["s_per_step_sd"] = round(statistics.stdev(means), 4)
+        out["s_min"] = min(r["s_min"] for r in rs)
+        out["s_max"] = max(r["s_max"] for r in rs)
+        out["peak_mb"] = max(r["peak_mb"] for r in rs)
+        return out
+
+    def ratio(name: str, to: str, key: str = "s_per_step") -> tuple[float, float | None]:
+        vals = [r[name][key] / r[to][key] for r in per_round]
+        return round(statistics.median(vals), 3), (round(statistics.stdev(vals), 3) if len(vals) > 1 else None)
+
+    out = {"pair": pair, "steps": steps, "rounds": rounds, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "floor": pooled("floor"), "methods": {}}
+    for m in methods:
+        r = pooled(m)
+        r["ratio"], r["ratio_sd"] = ratio(m, "floor")
+        out["methods"][m] = r
+    if "sft" in out["methods"]:  # a cached method's cost against the student's SFT step (the least it can cost)
+        for m, r in out["methods"].items():
+            r["ratio_to_sft"], r["ratio_to_sft_sd"] = ratio(m, "sft")
+            r["peak_to_sft"] = round(r["peak_mb"] / out["methods"]["sft"]["peak_mb"], 3)
     return out
