@@ -31,11 +31,13 @@ def test_speed_benchmark_json(gpt2_lm, llama_lm, instructions_file):
 def test_speed_benchmark_times_talas_with_its_options(tiny_st, tiny_st_student, sentences_file):
     from lmdistill.bench.speed import OPTION_ROWS, speed_benchmark
 
-    rows = ["talas", "talas (no task term + ASAM every 2nd step)"]
+    rows = ["talas", "talas (authors' settings)"]
     res = speed_benchmark("embedding", rows, steps=2, overrides=[f"teacher={tiny_st}", f"student={tiny_st_student}",
                                                                  "student_layers=null", f"data.train=[{sentences_file}]"])
     assert list(res["methods"]) == rows and all(r["s_per_step"] > 0 for r in res["methods"].values())
-    assert OPTION_ROWS[rows[1]] == ["method_args.w_task=0.0", "train.asam_interval=2"]
+    from lmdistill.bench.quality import TALAS_AUTHORS
+
+    assert OPTION_ROWS[rows[1]] == TALAS_AUTHORS
 
 
 def test_speed_benchmark_rounds_take_each_ratio_within_its_round(tiny_st, tiny_st_student, sentences_file, monkeypatch):

@@ -26,7 +26,7 @@ WRITE = os.environ.get("LMDISTILL_WRITE_GOLDEN") == "1"
 LAYOUTS = [(4, 1), (2, 2)]
 
 EMBEDDING = {
-    "talas": ["method=talas"],
+    "talas": ["method=talas", "method_args.w_task=0.001"],  # the task term as specified (the default is 0)
     "talas_anchor_only": ["method=talas", "method_args={w_lasd: 0.0, w_task: 0.0}"],
     "embed_kd_mse": ["method=embed_kd", "method_args={loss: mse}"],
     "embed_kd_cosine": ["method=embed_kd", "method_args={loss: cosine}"],
