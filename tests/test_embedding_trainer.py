@@ -51,8 +51,9 @@ def _student_params_of(folder):
 
 
 def test_train_logs_every_term_and_learns(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):
+    # the task term is off by default; on here (the specified 0.001) so that every term is logged
     m = run_embedding(_cfg(tiny_st, tiny_st_student, sentences_file, tmp_path / "r", "train.max_steps=8",
-                           f"data.eval={{toy: {sts_file}}}"), progress=False)
+                           "method_args.w_task=0.001", f"data.eval={{toy: {sts_file}}}"), progress=False)
     logged = [h for h in m["log_history"] if "anchor" in h]
     assert logged and all({"anchor", "lasd", "task", "loss"} <= set(h) for h in logged)
     assert logged[-1]["anchor"] < logged[0]["anchor"]
