@@ -19,7 +19,7 @@ The fair search, then the seeds (every method the same way):
         reported) -> benchmarks/results/embedding-search-cpu-<time>.json
     python benchmarks/embedding_quality.py --preset cpu --settings-from benchmarks/results/embedding-search-cpu-*.json
         each method at the setting that won its search, on STS-B test and SICK-R test
-TALAS's own knobs (rho, eta, clipping, start_layer, the task term: the "knob" variants) run only
+TALAS's own knobs (rho, eta, clipping, start_layer: the "knob" variants) run only
 when named, at TALAS's chosen setting, on the same dev split:
     python benchmarks/embedding_quality.py --preset cpu --search-lr 1 --set train.lr=<chosen> \
         --only "talas,talas: rho 0.2,talas: rho 0.5,..."
