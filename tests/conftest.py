@@ -15,6 +15,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """The suite reads real tokenizers and data sets: say where they are looked for, once, if absent."""
+    missing = [f"{name} ({path})" for name, path in (("LMDISTILL_TOKENIZERS", tiny.TOKENIZERS),
+                                                     ("LMDISTILL_DATA", tiny.DATA)) if not path.is_dir()]
+    if missing:
+        pytest.exit("the tests need the shared assets folder next to the checkout (../shared) or these "
+                    f"variables set to its folders: {', '.join(missing)} not found", returncode=4)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("lmdistill-cache")
