@@ -59,6 +59,31 @@ def _setup(method, student, teacher, instructions_file, **opts):
     return wrapper, batch
 
 
+def test_sra_applies_both_heads_to_real_spans_only_and_gathers_the_teachers_rows_once(
+        gpt2_lm, llama_lm, instructions_file, monkeypatch):
+    import lmdistill.train.lm as lm
+
+    wrapper, batch = _setup("sra", gpt2_lm, llama_lm, instructions_file)
+    n_real = int(batch["span_mask"].sum())
+    assert n_real < batch["span_mask"].numel()  # the batch has padded spans
+    sizes, real_fn = [], lm.lm_head_logits
+    monkeypatch.setattr(lm, "lm_head_logits", lambda head, cap, x, *a: sizes.append(x.shape[:-1]) or real_fn(head, cap,
+                                                                                                              x, *a))
+    wrapper(**batch)
+    rows = wrapper._t_rows[1]
+    wrapper(**batch)
+    assert wrapper._t_rows[1] is rows  # the teacher's shared rows: gathered at the first step only
+    n_resp = int((batch["s_labels"] != -100).sum())
+    # per step: the student's response tokens (CE), then the real spans (teacher targets, student span logits)
+    assert sizes[:3] == [torch.Size([n_resp]), torch.Size([n_real]), torch.Size([n_real])]
+    _, t_head, _ = lm.decoder_and_head(wrapper.teacher)
+    assert torch.equal(rows.weight, t_head.weight[wrapper.method.shared_t])
+    x = torch.randn(3, t_head.weight.shape[1])
+    heads = wrapper.teacher_heads()
+    assert torch.equal(heads["teacher_logits"](x, wrapper.method.shared_t), real_fn(t_head, None, x,
+                                                                                   wrapper.method.shared_t))
+
+
 METHODS = ["sft", "sra", "uld", "mined", "dskd", "multilevel_ot"]
 
 
@@ -174,12 +199,12 @@ def test_sra_applies_the_final_norm_before_the_head_at_a_non_final_layer(gpt2_lm
         models.final_norm(wrapper.student).register_forward_hook(lambda m, a, o, c=calls: c["s"].append(a[0].shape))
         models.final_norm(wrapper.teacher).register_forward_hook(lambda m, a, o, c=calls: c["t"].append(a[0].shape))
         out = wrapper(**batch)
-        K = batch["span_mask"].size(1)
-        # each decoder's own call on [B, T, d], then, at a non-final layer, one on the CoMs [B, K, d]
+        n_real = int(batch["span_mask"].sum())
+        # each decoder's own call on [B, T, d], then, at a non-final layer, one on the real spans' CoMs [N, d]
         for side in ("s", "t"):
             assert len(calls[side]) == (2 if expect else 1), calls
             if expect:
-                assert calls[side][1][1] == K
+                assert tuple(calls[side][1][:-1]) == (n_real,)
         assert torch.isfinite(out["loss"])
 
 

@@ -9,6 +9,7 @@ from lmdistill.methods.llm.sra import (
     geometric_loss,
     span_com,
     span_logit_kl,
+    span_logit_kl_to,
     span_matrix,
     span_weights,
     token_weights,
@@ -82,6 +83,29 @@ def test_span_logit_kl_by_hand():
     assert float(span_logit_kl(z_s2, z_t2, both, 2.0)) == pytest.approx((2 * expected + kl2) / 2, rel=1e-5)
     assert float(span_logit_kl(z_s2, z_t2, both, 2.0, "mean")) == pytest.approx((expected + (expected + kl2) / 2) / 2,
                                                                                 rel=1e-5)
+
+
+def test_span_logit_kl_reads_the_real_spans_only():
+    """The student's and teacher's span logits may come as the real spans only ([N, V]); laid out
+    per row ([B, K, V]) the padded spans contribute nothing, whatever they hold."""
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    real = mask.bool()
+    z_s, z_t = torch.randn(2, 4, 7), torch.randn(2, 4, 7)
+    z_s[~real] = float("nan")  # padding: never part of the loss
+    logp = torch.log_softmax(z_t / 2.0, -1)
+    vals, idx = logp.topk(3, dim=-1)
+    for reduction in ("sum", "mean"):
+        full = span_logit_kl_to(z_s[real], logp[real], None, mask, 2.0, reduction)
+        assert torch.isfinite(full)
+        assert float(span_logit_kl_to(z_s, logp, None, mask, 2.0, reduction)) == pytest.approx(float(full), rel=1e-6)
+        assert float(span_logit_kl(z_s, z_t, mask, 2.0, reduction)) == pytest.approx(float(full), rel=1e-6)
+        top = span_logit_kl_to(z_s[real], vals[real], idx[real], mask, 2.0, reduction)
+        assert float(span_logit_kl_to(z_s, vals, idx, mask, 2.0, reduction)) == pytest.approx(float(top), rel=1e-6)
+    # by hand, the sum: every real span's KL over B = 2
+    log_s = torch.log_softmax(z_s[real] / 2.0, -1)
+    by_hand = float((logp[real].exp() * (logp[real] - log_s)).sum() / 2)
+    assert float(span_logit_kl_to(z_s[real], logp[real], None, mask, 2.0)) == pytest.approx(by_hand, rel=1e-6)
 
 
 def test_default_layer_pairs():

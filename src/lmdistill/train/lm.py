@@ -17,6 +17,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,7 @@ class LMDistillModel(nn.Module):
             teacher.requires_grad_(False)
         self.needs = method.needs()
         self.s_capture = self.t_capture = None
+        self._t_rows = (None, None)  # the teacher head's rows for one ids tensor (teacher_heads)
         if self.needs.rows is not None:
             if student is not None:  # none when building a teacher cache
                 self.s_capture = RowCapture(student, list(self.needs.student_layers), self.needs.rows)
@@ -87,11 +89,24 @@ class LMDistillModel(nn.Module):
                              query=batch.get("t_last_text"))
 
     def teacher_heads(self) -> dict:
-        """The teacher's LM head and final norm (``Heads`` fields), for methods that read them."""
+        """The teacher's LM head and final norm (``Heads`` fields), for methods that read them. The
+        teacher is frozen, so the rows of its head that a method asks for by ``ids`` (SRA's shared
+        vocabulary: 46k of Gemma's 262k rows) are gathered once, not at every step."""
         _, t_head, t_cap = decoder_and_head(self.teacher)
+
+        def logits(x, ids=None, detach_weight=True):
+            if ids is None:
+                return lm_head_logits(t_head, t_cap, x, None, detach_weight)
+            key = (ids.data_ptr(), ids.numel(), t_head.weight.data_ptr(), t_head.weight.dtype, t_head.weight.device)
+            if self._t_rows[0] != key:  # (a plain attribute: never saved with the student)
+                b = getattr(t_head, "bias", None)
+                with torch.no_grad():
+                    rows = SimpleNamespace(weight=t_head.weight[ids], bias=None if b is None else b[ids])
+                self._t_rows = (key, rows)
+            return lm_head_logits(self._t_rows[1], t_cap, x, None, True)
+
         return {"teacher_head_weight": t_head.weight, "teacher_norm": final_norm(self.teacher),
-                "teacher_logits": lambda x, ids=None, detach_weight=True: lm_head_logits(t_head, t_cap, x, ids,
-                                                                                         detach_weight)}
+                "teacher_logits": logits}
 
     def forward(self, **batch):
         m, n = self.method, self.needs

@@ -118,6 +118,13 @@ def geometric_loss(c_s: torch.Tensor, c_t: torch.Tensor, W: torch.Tensor, span_m
     return (pi * (gs - gt.detach()).pow(2)).sum(dim=(1, 2)).mean()
 
 
+def _per_row(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``x [N, ...]`` (one row per real span, ``real``'s order) laid out as ``[B, K, ...]``, 0 at padding."""
+    out = x.new_zeros(*real.shape, *x.shape[1:])
+    out[real] = x
+    return out
+
+
 def span_logit_kl(z_s: torch.Tensor, z_t: torch.Tensor, span_mask: torch.Tensor, tau: float,
                   reduction: str = "sum") -> torch.Tensor:
     """``sum over real spans KL(softmax(z_T / tau) || softmax(z_S / tau)) / B`` (``reduction="sum"``,
@@ -130,23 +137,28 @@ def span_logit_kl_to(z_s: torch.Tensor, logp_t: torch.Tensor, idx: torch.Tensor 
                      tau: float, reduction: str = "sum") -> torch.Tensor:
     """:func:`span_logit_kl` against teacher log-probabilities at ``tau``: over the whole shared
     vocabulary (``idx`` None, ``logp_t [B, K, V]``), or its top k (``idx``, ``logp_t [B, K, k]``)
-    plus one bucket for the remaining mass, on both sides (what a teacher cache stores)."""
+    plus one bucket for the remaining mass, on both sides (what a teacher cache stores). Each of
+    ``z_s``, ``logp_t``, ``idx`` may instead hold the real spans only (``[N, ...]``, ``span_mask``'s
+    order): the student's logits are then computed for no padded span."""
+    real = span_mask.bool()
+    z_s, logp_t = (z if z.dim() == 2 else z[real] for z in (z_s, logp_t))
+    if idx is not None and idx.dim() == 3:
+        idx = idx[real]
     log_s = F.log_softmax(z_s.float() / tau, dim=-1)
     logp_t = logp_t.float()
-    m = span_mask.to(torch.float32)
     if idx is None:
-        kl = (logp_t.exp() * (logp_t - log_s)).sum(-1)
+        kl_real = (logp_t.exp() * (logp_t - log_s)).sum(-1)
     else:
         ls = log_s.gather(-1, idx.long())
         p = logp_t.exp()
-        kl = (p * (logp_t - ls)).sum(-1)
+        kl_real = (p * (logp_t - ls)).sum(-1)
         rest_t = (1 - p.sum(-1)).clamp_min(0)
         rest_s = (1 - ls.exp().sum(-1)).clamp_min(1e-12)
-        kl = kl + torch.where(rest_t > 0, rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log()), 0.0)
-    kl = kl * m  # [B, K]
+        kl_real = kl_real + torch.where(rest_t > 0, rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log()), 0.0)
+    kl = kl_real.new_zeros(span_mask.shape).masked_scatter(real, kl_real)  # [B, K], 0 at padding
     if reduction == "mean":
-        return (kl.sum(-1) / m.sum(-1).clamp_min(1.0)).mean()
-    return kl.sum() / z_s.size(0)
+        return (kl.sum(-1) / real.sum(-1).clamp_min(1)).mean()
+    return kl.sum() / span_mask.size(0)
 
 
 @register("sra", kind="lm")
@@ -202,15 +214,14 @@ class SRA(LMMethod):
         self._calls = 0
 
     @torch.no_grad()
-    def teacher_shared_mass(self, heads, c_t, z_shared, span_mask, max_spans: int = 64) -> torch.Tensor:
+    def teacher_shared_mass(self, heads, c_real, z_shared, max_spans: int = 64) -> torch.Tensor:
         """The teacher's probability mass inside the shared vocabulary at its span CoMs (tau = 1),
-        averaged over up to ``max_spans`` real spans of the batch (the full head is applied to those only)."""
-        real = span_mask.bool()
-        if not real.any():
-            return torch.zeros((), device=c_t.device)
-        rows = torch.nonzero(real, as_tuple=False)[:max_spans]
-        z_full = heads.teacher_logits(c_t[rows[:, 0], rows[:, 1]]).float()
-        inside = z_shared[rows[:, 0], rows[:, 1]].float().logsumexp(-1) - z_full.logsumexp(-1)
+        averaged over up to ``max_spans`` real spans of the batch (``c_real``, ``z_shared``: the real
+        spans only; the full head is applied to those ``max_spans``)."""
+        if c_real.size(0) == 0:
+            return torch.zeros((), device=c_real.device)
+        z_full = heads.teacher_logits(c_real[:max_spans]).float()
+        inside = z_shared[:max_spans].float().logsumexp(-1) - z_full.logsumexp(-1)
         return inside.exp().mean()
 
     def student_layers(self) -> list[int]:
@@ -255,18 +266,20 @@ class SRA(LMMethod):
                 coms.append(ct)
                 masses.append(mt)
             out = {"com": torch.stack(coms, 1), "mass": torch.stack(masses, 1)}
-            if o.w_logit > 0:
-                c_t = coms[-1]
+            if o.w_logit > 0:  # the head is applied to the real spans only, then laid out per row
+                real = span_mask.bool()
+                c_t = coms[-1][real]
                 if self.norm_t:
                     c_t = heads.teacher_norm(c_t.to(heads.teacher_head_weight.dtype))
                 z_t = heads.teacher_logits(c_t, self.shared_t)
                 logp = F.log_softmax(z_t.float() / o.tau, dim=-1)
                 if top_k is not None and top_k < logp.size(-1):
-                    out["logp"], out["idx"] = logp.topk(top_k, dim=-1)
-                else:
-                    out["logp"] = logp
+                    vals, idx = logp.topk(top_k, dim=-1)
+                    out["idx"] = _per_row(idx, real)
+                    logp = vals
+                out["logp"] = _per_row(logp, real)
                 if self._calls % MASS_EVERY == 0:
-                    out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t, span_mask)
+                    out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t)
         self._calls += 1
         return out
 
@@ -300,7 +313,7 @@ class SRA(LMMethod):
             out["geo"] = geometric_loss(coms_s[-1], coms_t[-1], W, span_mask)
             distill = distill + o.lambda_geo * out["geo"]
         if o.w_logit > 0:
-            c_s = coms_s[-1]
+            c_s = coms_s[-1][span_mask.bool()]  # the real spans only: no logits for padding
             if self.norm_s:
                 c_s = heads.student_norm(c_s.to(heads.student_head_weight.dtype))
             z_s = heads.student_logits(c_s, self.shared_s)
