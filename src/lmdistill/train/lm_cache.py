@@ -185,14 +185,19 @@ def build_lm_teacher_cache(cfg: Config, progress: bool = True) -> Path:
 
 
 def _rows_of(form: str, tg: dict, batch: dict) -> list[dict[str, torch.Tensor]]:
-    """A batch's targets cut into its rows: spans (``[B, P, K, ...]`` / ``[B, K, ...]``, each row's
-    real spans) or response positions (flat ``[N, ...]`` in (row, position) order)."""
+    """A batch's targets cut into its rows: spans (``com``/``mass`` ``[B, P, K, ...]``, each row's
+    real spans; ``logp``/``idx`` flat ``[N, ...]`` over the real spans in row order) or response
+    positions (flat ``[N, ...]`` in (row, position) order)."""
     tg = {k: v for k, v in tg.items() if k != "shared_mass"}
     if form == "spans":
-        n = batch["span_mask"].sum(1).tolist()
-        return [{k: (v[j, :, :int(n[j])] if k in ("com", "mass") else v[j, :int(n[j])]) for k, v in tg.items()}
-                for j in range(len(n))]
-    counts = _response_counts(batch).tolist()
+        n = [int(c) for c in batch["span_mask"].sum(1).tolist()]
+        flat = _split_flat({k: v for k, v in tg.items() if k not in ("com", "mass")}, n)
+        return [{**{k: tg[k][j, :, :n[j]] for k in ("com", "mass") if k in tg}, **flat[j]} for j in range(len(n))]
+    return _split_flat(tg, _response_counts(batch).tolist())
+
+
+def _split_flat(tg: dict, counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Flat ``[N, ...]`` targets cut into consecutive pieces of ``counts`` rows."""
     out, start = [], 0
     for c in counts:
         out.append({k: v[start:start + c] for k, v in tg.items()})
@@ -220,14 +225,15 @@ class LMTeacherCache:
         return self._handles[s]
 
     def row(self, i: int) -> dict[str, torch.Tensor]:
-        """Row ``i``'s targets (``com [P, K, d]``, ``mass [P, K]``, ``logp``/``idx [K, ...]``)."""
+        """Row ``i``'s targets (``com [P, K, d]``, ``mass [P, K]``, ``logp``/``idx [K, ...]``: its K real spans)."""
         h = self._shard(i)
         if self.names is None:
             self.names = sorted({k.split(".", 1)[1] for k in h.keys()})
         return {n: h.get_tensor(f"{i}.{n}") for n in self.names}
 
     def collate(self, indices: list[int], batch: dict) -> dict[str, torch.Tensor]:
-        """The targets of a batch: span targets padded to its ``span_mask``'s ``K``, or token
+        """The targets of a batch: span CoMs and masses padded to its ``span_mask``'s ``K`` (span
+        log-probabilities flat over the real spans, as SRA computes them online), or token
         targets concatenated in (row, position) order. Each row's count of spans (or response
         positions) is checked against the cache's: a mismatch means a stale cache."""
         rows = [self.row(i) for i in indices]
@@ -253,9 +259,11 @@ class LMTeacherCache:
                     raise LmdistillError(
                         f"teacher cache {self.folder}: row {indices[i]} has {t.size(span_dim)} spans cached but "
                         f"{int(n)} now: the cache is stale; rebuild it (lmdistill cache CONFIG)")
-                pad = [0, 0] * (t.dim() - span_dim - 1) + [0, K - t.size(span_dim)]
-                padded.append(torch.nn.functional.pad(t, pad))
-            out[name] = torch.stack(padded)
+                if span_dim == 1:
+                    t = torch.nn.functional.pad(t, [0, 0] * (t.dim() - 2) + [0, K - t.size(1)])
+                padded.append(t)
+            # CoMs and masses padded to [B, P, K, ...]; log-probabilities flat over the real spans, as online
+            out[name] = torch.stack(padded) if span_dim == 1 else torch.cat(padded)
         return out
 
     def summary(self) -> dict:

@@ -118,13 +118,6 @@ def geometric_loss(c_s: torch.Tensor, c_t: torch.Tensor, W: torch.Tensor, span_m
     return (pi * (gs - gt.detach()).pow(2)).sum(dim=(1, 2)).mean()
 
 
-def _per_row(x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """``x [N, ...]`` (one row per real span, ``real``'s order) laid out as ``[B, K, ...]``, 0 at padding."""
-    out = x.new_zeros(*real.shape, *x.shape[1:])
-    out[real] = x
-    return out
-
-
 def span_logit_kl(z_s: torch.Tensor, z_t: torch.Tensor, span_mask: torch.Tensor, tau: float,
                   reduction: str = "sum") -> torch.Tensor:
     """``sum over real spans KL(softmax(z_T / tau) || softmax(z_S / tau)) / B`` (``reduction="sum"``,
@@ -253,8 +246,9 @@ class SRA(LMMethod):
     def teacher_targets(self, batch, t, heads, top_k: int | None = None) -> dict[str, torch.Tensor]:
         """Everything the loss needs from the teacher, per span (no gradient): ``com [B, P, K, d]``
         (each pair's span CoMs), ``mass [B, P, K]`` and, with the span logit term, ``logp``: the
-        teacher's span log-probabilities at ``tau`` over the shared vocabulary (``[B, K, V]``, or
-        its top ``top_k`` with their indices ``idx``). A teacher cache stores exactly these."""
+        teacher's log-probabilities at ``tau`` over the shared vocabulary at the real spans only
+        (``[N, V]`` in ``span_mask``'s order, or its top ``top_k`` with their indices ``idx``).
+        A teacher cache stores exactly these, per row."""
         o = self.opts
         span_mask = batch["span_mask"]
         Mt = span_matrix(batch["spans_t"], span_mask, batch["t_input_ids"].size(1))
@@ -266,7 +260,7 @@ class SRA(LMMethod):
                 coms.append(ct)
                 masses.append(mt)
             out = {"com": torch.stack(coms, 1), "mass": torch.stack(masses, 1)}
-            if o.w_logit > 0:  # the head is applied to the real spans only, then laid out per row
+            if o.w_logit > 0:  # the head is applied to the real spans only
                 real = span_mask.bool()
                 c_t = coms[-1][real]
                 if self.norm_t:
@@ -274,10 +268,9 @@ class SRA(LMMethod):
                 z_t = heads.teacher_logits(c_t, self.shared_t)
                 logp = F.log_softmax(z_t.float() / o.tau, dim=-1)
                 if top_k is not None and top_k < logp.size(-1):
-                    vals, idx = logp.topk(top_k, dim=-1)
-                    out["idx"] = _per_row(idx, real)
-                    logp = vals
-                out["logp"] = _per_row(logp, real)
+                    out["logp"], out["idx"] = logp.topk(top_k, dim=-1)
+                else:
+                    out["logp"] = logp
                 if self._calls % MASS_EVERY == 0:
                     out["shared_mass"] = self.teacher_shared_mass(heads, c_t, z_t)
         self._calls += 1
