@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,6 +17,16 @@ from lmdistill.bench.quality import select, summarise  # noqa: E402
 from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _protocol(rec: dict) -> dict:
+    """What makes two records one protocol: their config, settings and overrides, with each
+    evaluation file in ``data.eval`` named by its file name only. The embedding benchmark writes
+    its evaluation subset (the first 1500 SICK-R pairs) into the run's work folder, which may differ
+    between sessions of the same protocol (``--work-dir``)."""
+    ov = [re.sub(r"(:\s*)[^,{}]*/([^/,{}]+)", r"\1\2", o) if o.startswith("data.eval=") else o
+          for o in rec.get("overrides") or []]
+    return {"config": rec.get("config"), "settings": rec.get("settings"), "overrides": ov}
 
 
 def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
@@ -45,7 +56,8 @@ def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
     base = dict(recs[-1])
     if "runs" not in base:  # the speed benchmark: one run is the whole measurement
         return base
-    same = [r for r in recs if all(r.get(k) == base.get(k) for k in ("config", "overrides", "settings"))]
+    same = [r for r in recs if all(_protocol(r).get(k) == _protocol(base).get(k) for k in ("config", "overrides",
+                                                                                             "settings"))]
     seen, runs = set(), []
     for rec in reversed(same):
         for run in rec["runs"]:

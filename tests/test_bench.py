@@ -162,6 +162,26 @@ def test_report_keeps_a_knob_search_apart_from_the_learning_rate_search(tmp_path
     assert "talas: train.lr=0.002" in section
 
 
+def test_report_merges_seeds_whose_evaluation_subset_lived_in_another_work_folder(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def record(seed, sick, cfg="c"):
+        return {"kind": "embedding", "preset": "t", "config": cfg, "seeds": [seed], "git_commit": "a" * 40,
+                "git_dirty": False, "time": f"t{seed}", "machine": {"cpus": 2}, "versions": {"torch": "x"},
+                "overrides": ["train.max_steps=80", f"data.eval={{stsb_test: stsb/test.csv, sickr_test: {sick}}}"],
+                "runs": [{"variant": "talas", "group": "method", "seed": seed, "kind": "train",
+                          "scores": {"toy": 70.0 + seed}, "seconds_per_step": 1.0}]}
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    for i, sick in enumerate(["runs/bench-embedding/sick_first1500.tsv", "/elsewhere/w2/sick_first1500.tsv"]):
+        (tmp_path / f"embedding-t-2026010{i}.json").write_text(json.dumps(record(i, sick)))
+    assert [r["seed"] for r in report._merged("embedding-t")["runs"]] == [0, 1]
+    # another evaluation file is another protocol: only the latest record's runs
+    (tmp_path / "embedding-t-20260103.json").write_text(json.dumps(record(2, "/w3/sick_all.tsv")))
+    assert [r["seed"] for r in report._merged("embedding-t")["runs"]] == [2]
+
+
 def test_an_ablation_takes_its_methods_setting_unless_searched_itself():
     from lmdistill.bench.quality import setting_for
 
