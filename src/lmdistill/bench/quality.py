@@ -170,8 +170,11 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
 
     repo = str(Path(__file__).resolve().parents[3]) + "/"
 
-    def save():  # paths inside the repository are written relative to it
-        out_path.write_text(json.dumps(record, indent=1, default=str).replace(repo, ""))
+    work = str(Path(work_dir).resolve()) + "/"
+
+    def save():  # paths inside the repository are written relative to it, the work folder's as <work-dir>/
+        text = json.dumps(record, indent=1, default=str)
+        out_path.write_text((text.replace(work, "<work-dir>/") if not work.startswith(repo) else text).replace(repo, ""))
 
     for v in variants:
         if only and v.name not in only or search_lr and v.kind != "train":
