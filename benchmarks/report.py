@@ -56,8 +56,8 @@ def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
     base = dict(recs[-1])
     if "runs" not in base:  # the speed benchmark: one run is the whole measurement
         return base
-    same = [r for r in recs if all(_protocol(r).get(k) == _protocol(base).get(k) for k in ("config", "overrides",
-                                                                                             "settings"))]
+    key = _protocol(base)
+    same = [r for r in recs if all(_protocol(r).get(k) == key.get(k) for k in ("config", "overrides", "settings"))]
     seen, runs = set(), []
     for rec in reversed(same):
         for run in rec["runs"]:

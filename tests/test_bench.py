@@ -276,14 +276,17 @@ def test_lm_search_selects_on_the_holdout_and_the_seeds_run_at_the_choice(gpt2_l
 
 
 def test_lm_benchmark_with_a_teacher_cache_builds_it_once_and_trains_dskd_online(gpt2_lm, llama_lm, instructions_file,
-                                                                                tmp_path):
+                                                                                tmp_path, monkeypatch):
+    monkeypatch.setenv("LMDISTILL_CACHE", str(tmp_path / "cache"))  # data.teacher_cache=auto puts it there
     variants = [Variant("uld", ["method=uld", "method_args={}"]), Variant("dskd", ["method=dskd", "method_args={}"]),
                 Variant("sft", ["method=sft", "method_args={}"])]
     common = [f"teacher={gpt2_lm}", f"student={llama_lm}", f"data.train=[{instructions_file}]", "data.holdout=1",
-              "train.max_steps=2", "train.warmup_ratio=0", "data.eval={}", f"data.teacher_cache={tmp_path / 'tc'}"]
+              "train.max_steps=2", "train.warmup_ratio=0", "data.eval={}", "data.teacher_cache=auto"]
     out = run_benchmark("lm", str(ROOT / "configs/tiny/sra-tiny.yaml"), "test", variants, [7], common,
                         tmp_path / "results", tmp_path / "work", search_lr=[1, 2])
-    runs = json.loads(out.read_text())["runs"]
+    text = out.read_text()
+    assert str(tmp_path / "cache") not in text and str(tmp_path / "work") not in text  # no machine's paths
+    runs = json.loads(text)["runs"]
     assert all("error" not in r for r in runs), [r.get("error") for r in runs]
     source = {(r["variant"], r["setting"]["train.lr"]): r["teacher_source"] for r in runs}
     assert set(source.values()) == {"cache", "online", None}
@@ -291,6 +294,7 @@ def test_lm_benchmark_with_a_teacher_cache_builds_it_once_and_trains_dskd_online
     assert [s for (v, _), s in source.items() if v == "dskd"] == ["online", "online"]
     uld = [r["teacher_cache"] for r in runs if r["variant"] == "uld"]
     assert uld[0] == uld[1] and uld[0]["rows"] >= 1 and uld[0]["bytes"] > 0  # one cache, read by both points
+    assert uld[0]["folder"].startswith("<cache>/lm-teacher/token-level-")
 
 
 def test_every_row_name_can_be_named_on_the_command_line():

@@ -41,3 +41,18 @@ def test_data_paths(tmp_path, monkeypatch):
     with pytest.raises(LmdistillError, match="not found"):
         resolve_data_path("sub/missing.txt")
     assert resolve_data_path("org/dataset") == "org/dataset"  # a hub name is passed through
+
+
+def test_the_talas_authors_config_is_the_recipe_with_the_benchmarks_authors_settings():
+    """configs/talas-authors-*.yaml is a whole file for users to train; it must stay the recipe
+    with exactly the three settings the benchmark's "talas: authors' settings" row sets."""
+    from pathlib import Path
+
+    from lmdistill.bench.quality import TALAS_AUTHORS
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    authors = load_config(configs / "talas-authors-mpnet-to-minilm-l3.yaml").to_dict()
+    recipe = load_config(configs / "talas-mpnet-to-minilm-l3.yaml", TALAS_AUTHORS).to_dict()
+    assert authors.pop("output_dir") != recipe.pop("output_dir")
+    assert authors == recipe
+    assert load_config(configs / "talas-mpnet-to-minilm-l3.yaml").to_dict() != recipe  # the three settings matter

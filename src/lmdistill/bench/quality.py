@@ -168,13 +168,16 @@ def run_benchmark(kind: str, config: str, preset: str, variants: list[Variant], 
     base = load_config(config, overrides)
     record["resolved_config"] = base.to_dict()
 
+    from lmdistill import models
+
     repo = str(Path(__file__).resolve().parents[3]) + "/"
-
     work = str(Path(work_dir).resolve()) + "/"
+    cache = str(models.cache_root(base.cache_dir).resolve()) + "/"
 
-    def save():  # paths inside the repository are written relative to it, the work folder's as <work-dir>/
+    def save():  # no machine's paths: the repository's are relative to it, the work and cache folders named
         text = json.dumps(record, indent=1, default=str)
-        out_path.write_text((text.replace(work, "<work-dir>/") if not work.startswith(repo) else text).replace(repo, ""))
+        text = text.replace(work, "<work-dir>/") if not work.startswith(repo) else text
+        out_path.write_text(text.replace(cache, "<cache>/").replace(repo, ""))
 
     for v in variants:
         if only and v.name not in only or search_lr and v.kind != "train":
