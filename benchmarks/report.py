@@ -72,6 +72,8 @@ def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
     base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] + ("+dirty" if rec.get("git_dirty") else "")
                                          for rec in same))
     base["times"] = [rec["time"] for rec in same]
+    if "search" in base:  # a search extended in a later file (one more learning rate) tried every factor of each
+        base["search"] = {**base["search"], "lr_factors": sorted({f for rec in same for f in rec["search"]["lr_factors"]})}
     return base
 
 
@@ -165,6 +167,7 @@ def search_section(rec: dict) -> str:
     digits = 3 if lm else 2
     rows = []
     for name, c in chosen.items():
+        c["tried"].sort(key=lambda p: float(p[0].get("train.lr", 0)))  # in learning-rate order, whichever file held it
         tried = "; ".join(f"{' '.join(str(v) for v in st.values())}: {fmt(sc, None, digits) if sc is not None else 'failed'}"
                           for st, sc in c["tried"])
         rows.append([name, tried, " ".join(str(v) for v in c["chosen"].values()), fmt(c["score"], None, digits)])

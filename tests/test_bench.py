@@ -162,6 +162,26 @@ def test_report_keeps_a_knob_search_apart_from_the_learning_rate_search(tmp_path
     assert "talas: train.lr=0.002" in section
 
 
+def test_report_merges_a_search_extended_by_a_later_file_in_learning_rate_order(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def record(time, factors, points):
+        return {"kind": "lm", "preset": "t", "config": "c", "overrides": ["o"], "seeds": [42], "git_commit": "a" * 40,
+                "git_dirty": False, "time": time, "machine": {"cpus": 2}, "versions": {"torch": "x"},
+                "search": {"lr_factors": factors}, "resolved_config": {"data": {"holdout": 100}},
+                "runs": [{"variant": "sft", "group": "method", "seed": 42, "kind": "train", "setting": {"train.lr": lr},
+                          "scores": {"holdout": {"bpb": bpb}}, "seconds_per_step": 1.0} for lr, bpb in points]}
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "lm-search-t-20260101.json").write_text(json.dumps(record("t0", [1, 3], [("0.0001", 2.0),
+                                                                                       ("0.0003", 1.8)])))
+    (tmp_path / "lm-search-t-20260102.json").write_text(json.dumps(record("t1", [30], [("0.003", 1.7)])))
+    section = report.search_section(report._merged("lm-search-t"))
+    assert "times 1, 3, 30;" in section
+    assert "| sft | 0.0001: 2.000; 0.0003: 1.800; 0.003: 1.700 | 0.003 | 1.700 |" in section
+
+
 def test_report_merges_seeds_whose_evaluation_subset_lived_in_another_work_folder(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
