@@ -181,7 +181,8 @@ def search_section(rec: dict) -> str:
     return (f"### Hyperparameter search, {title} ({rec['preset']} preset)\n\n{_stamp(rec)}. Each method "
             f"once (seed {rec['seeds'][0]}) at its learning rate times {factors}"
             f"{', crossed with projector init ' + ' / '.join(inits) + ' where it has projectors' if inits else ''}; "
-            f"selected by {where}, never reported. Searched: {', '.join(keys)}.\n\n"
+            f"selected by {where}, never reported. Searched: {', '.join(keys)} (the tried column: the points each "
+            "variant ran).\n\n"
             f"{markdown_table(['variant', f'tried ({score} on the selection set)', 'chosen', 'best'], rows)}\n")
 
 

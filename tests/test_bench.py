@@ -178,7 +178,7 @@ def test_report_merges_a_search_extended_by_a_later_file_in_learning_rate_order(
                                                                                        ("0.0003", 1.8)])))
     (tmp_path / "lm-search-t-20260102.json").write_text(json.dumps(record("t1", [30], [("0.003", 1.7)])))
     section = report.search_section(report._merged("lm-search-t"))
-    assert "times 1, 3, 30;" in section
+    assert "times 1, 3, 30;" in section and "the points each variant ran" in section
     assert "| sft | 0.0001: 2.000; 0.0003: 1.800; 0.003: 1.700 | 0.003 | 1.700 |" in section
 
 
