@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmdistill.bench.quality import select, summarise  # noqa: E402
+from lmdistill.bench.quality import differences, select, summarise  # noqa: E402
 from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -143,6 +143,7 @@ def lm_section(rec: dict) -> str:
         plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png,
                            _references(rows_r, evals[0]))
     header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds", "commit"]
+    diffs = _to_sft(rec, evals)
     rc = rec["resolved_config"]
     layers = rc.get("student_layers")
     student = "SmolLM2-135M" + (f" pruned to {len(layers)} of its 30 blocks" if layers else "")
@@ -152,7 +153,21 @@ def lm_section(rec: dict) -> str:
             f"than one; the seeds column says how many); ROUGE-L over the first {rouge_rows} rows of each set, "
             f"bits per byte over the first {rc['data']['eval_limit']}. "
             f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
-            f"{markdown_table(header, table)}\n\n![score against cost](benchmarks/results/{png.name})\n")
+            f"{markdown_table(header, table)}\n\n{diffs}![score against cost](benchmarks/results/{png.name})\n")
+
+
+def _to_sft(rec: dict, evals: list[str]) -> str:
+    """Each method's difference to SFT, paired by seed (mean ± sd over the seeds both ran)."""
+    d_r, d_b = differences(rec, "sft", "rougeL"), {r["variant"]: r for r in differences(rec, "sft", "bpb")}
+    if not d_r:
+        return ""
+    rows = [[r["variant"]] + [c for e in evals for c in (fmt(*r[e], 2, signed=True) if e in r else "-",
+                                                          fmt(*d_b[r["variant"]][e], 3, signed=True)
+                                                          if e in d_b[r["variant"]] else "-")]
+            + [str(r["n_pairs"])] for r in d_r]
+    header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["seeds paired"]
+    return ("Difference to SFT at the same seed (the variant minus SFT; mean ± sd over the seeds both ran; "
+            "higher ROUGE-L and lower bits per byte are better):\n\n" + markdown_table(header, rows) + "\n\n")
 
 
 def search_section(rec: dict) -> str:

@@ -182,6 +182,27 @@ def test_report_merges_a_search_extended_by_a_later_file_in_learning_rate_order(
     assert "| sft | 0.0001: 2.000; 0.0003: 1.800; 0.003: 1.700 | 0.003 | 1.700 |" in section
 
 
+def test_lm_report_shows_each_methods_difference_to_sft_paired_by_seed(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def run(variant, seed, rouge, bpb, kind="train"):
+        return {"variant": variant, "group": "reference" if kind != "train" else "method", "seed": seed, "kind": kind,
+                "scores": {"dolly": {"rougeL": rouge, "bpb": bpb}}, **({"seconds_per_step": 1.0} if kind == "train" else {})}
+
+    runs = [run("teacher (fine-tuned)", 42, 25.0, 0.8, "teacher"), run("sft", 42, 10.0, 2.0), run("sft", 43, 12.0, 1.9),
+            run("mined", 42, 11.0, 1.8), run("mined", 43, 14.0, 1.8), run("uld", 44, 30.0, 0.1)]
+    rec = {"kind": "lm", "preset": "t", "config": "c", "overrides": ["o"], "seeds": [42, 43, 44], "git_commit": "a" * 40,
+           "git_dirty": False, "time": "t0", "machine": {"cpus": 2}, "versions": {"torch": "x"}, "runs": runs,
+           "resolved_config": {"student_layers": None, "eval": {"rouge_limit": 2}, "data": {"eval_limit": 2}}}
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    section = report.lm_section(rec)
+    # mined - sft at seeds 42 and 43: ROUGE-L +1, +2 (mean +1.50, sd 0.71); bits/byte -0.2, -0.1 (-0.150 ± 0.071)
+    assert "| mined | +1.50 ± 0.71 | -0.150 ± 0.071 | 2 |" in section
+    # uld ran only a seed SFT did not: nothing to pair, no row; references are never differenced
+    assert "| uld | +" not in section and "| teacher (fine-tuned) | +" not in section
+
+
 def test_report_merges_seeds_whose_evaluation_subset_lived_in_another_work_folder(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report

@@ -332,3 +332,27 @@ def summarise(record: dict, metric: str | None = None) -> list[dict]:
             row["seconds_per_step"] = statistics.mean(sps) if sps else None
         rows.append(row)
     return rows
+
+
+def differences(record: dict, base: str = "sft", metric: str | None = None) -> list[dict]:
+    """Per trained variant other than ``base``: its score minus ``base``'s at the same seed, as
+    mean and standard deviation over the seeds both ran (paired: one seed is one data order for
+    both). ``{"variant", "n_pairs", <set>: (mean, sd)}``; empty where ``base`` has no scores."""
+    def scores(r):
+        return {ev: (v if metric is None else v[metric]) for ev, v in r["scores"].items()}
+
+    ref = {r["seed"]: scores(r) for r in record["runs"] if r["variant"] == base and "scores" in r}
+    if not ref:
+        return []
+    by: dict[str, dict[int, dict]] = {}
+    for r in record["runs"]:
+        if r["variant"] != base and r.get("kind", "train") == "train" and "scores" in r and r["seed"] in ref:
+            by.setdefault(r["variant"], {})[r["seed"]] = scores(r)
+    rows = []
+    for name, per_seed in by.items():
+        row: dict = {"variant": name, "n_pairs": len(per_seed)}
+        for ev in ref[next(iter(per_seed))]:
+            d = [s[ev] - ref[seed][ev] for seed, s in per_seed.items() if ev in s]
+            row[ev] = (statistics.mean(d), statistics.stdev(d) if len(d) > 1 else None)
+        rows.append(row)
+    return rows

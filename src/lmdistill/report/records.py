@@ -46,11 +46,11 @@ def environment() -> dict:
     }
 
 
-def fmt(mean: float | None, std: float | None = None, digits: int = 2) -> str:
-    """``mean ± std`` (or ``-``)."""
+def fmt(mean: float | None, std: float | None = None, digits: int = 2, signed: bool = False) -> str:
+    """``mean ± std`` (or ``-``); ``signed``: with its sign always (``+0.12``), for differences."""
     if mean is None:
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return f"{mean:{'+' if signed else ''}.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
