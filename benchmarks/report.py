@@ -37,6 +37,13 @@ def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
     tree was dirty; files from a dirty tree are left out unless ``allow_dirty``. ``keep``: a
     test on a record, for prefixes that hold two protocols (a learning-rate search and a knob
     search share ``embedding-search-cpu``)."""
+    recs = _protocols(prefix, allow_dirty, keep)
+    return recs[0] if recs else None
+
+
+def _protocols(prefix: str, allow_dirty: bool = False, keep=None) -> list[dict]:
+    """Every protocol of a benchmark (its records grouped by config, settings and overrides, e.g.
+    one budget and another), each merged as ``_merged`` describes, the latest protocol first."""
     files = sorted(RESULTS.glob(f"{prefix}-*.json"))
     recs = []
     for f in files:
@@ -51,13 +58,23 @@ def _merged(prefix: str, allow_dirty: bool = False, keep=None) -> dict | None:
             run.setdefault("git_commit", rec.get("git_commit"))
             run.setdefault("git_dirty", rec.get("git_dirty"))
         recs.append(rec)
-    if not recs:
-        return None
-    base = dict(recs[-1])
-    if "runs" not in base:  # the speed benchmark: one run is the whole measurement
-        return base
-    key = _protocol(base)
-    same = [r for r in recs if all(_protocol(r).get(k) == key.get(k) for k in ("config", "overrides", "settings"))]
+    if recs and "runs" not in recs[-1]:  # the speed benchmark: one run is the whole measurement
+        return [dict(recs[-1])]
+    groups: list[list[dict]] = []
+    for rec in reversed(recs):
+        key = _protocol(rec)
+        for g in groups:
+            if all(_protocol(g[0]).get(k) == key.get(k) for k in ("config", "overrides", "settings")):
+                g.insert(0, rec)
+                break
+        else:
+            groups.append([rec])
+    return [_merge(same) for same in groups]
+
+
+def _merge(same: list[dict]) -> dict:
+    """One protocol's records (oldest first) as one: the latest's fields, every run."""
+    base = dict(same[-1])
     seen, runs = set(), []
     for rec in reversed(same):
         for run in rec["runs"]:
@@ -138,22 +155,35 @@ def lm_section(rec: dict) -> str:
         table.append(cells)
         if r.get("seconds_per_step") and evals and evals[0] in r:
             points.append((r["variant"], r["seconds_per_step"], *r[evals[0]]))
-    png = RESULTS / f"lm-{rec['preset']}.png"
+    rc = rec["resolved_config"]
+    steps = (rc.get("train") or {}).get("max_steps")
+    png = RESULTS / (f"lm-{rec['preset']}" + (f"-{steps}steps" if steps and steps > 0 else "")
+                     + ("-searched" if rec.get("settings") else "") + ".png")
     if points:
-        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({rec['preset']})", png,
+        plot_score_vs_cost(points, "seconds per step", f"{evals[0]} ROUGE-L", f"Cross-tokenizer LM ({png.stem[3:]})", png,
                            _references(rows_r, evals[0]))
     header = ["variant"] + [h for e in evals for h in (f"{e} ROUGE-L", f"{e} bits/byte")] + ["s/step", "seeds", "commit"]
     diffs = _to_sft(rec, evals)
-    rc = rec["resolved_config"]
     layers = rc.get("student_layers")
     student = "SmolLM2-135M" + (f" pruned to {len(layers)} of its 30 blocks" if layers else "")
     rouge_rows = (rc.get("eval") or {}).get("rouge_limit") or rc["data"]["eval_limit"]
-    return (f"### Cross-tokenizer LM: Gemma-3-270M -> {student} ({rec['preset']} preset)\n\n{_stamp(rec)}. "
+    tuned = "each method at its searched setting" if rec.get("settings") else "every method at the preset's learning rate"
+    return (f"### Cross-tokenizer LM: Gemma-3-270M -> {student} ({rec['preset']} preset, "
+            f"{f'{steps} steps, ' if steps and steps > 0 else ''}{tuned})\n\n{_stamp(rec)}. "
             f"Training seeds {', '.join(map(str, rec['seeds']))} (mean ± standard deviation where a variant ran more "
             f"than one; the seeds column says how many); ROUGE-L over the first {rouge_rows} rows of each set, "
             f"bits per byte over the first {rc['data']['eval_limit']}. "
-            f"Overrides: `{' '.join(rec['overrides'])}`. Lower bits per byte is better.\n\n"
+            f"Overrides: `{' '.join(rec['overrides'])}`.{_settings(rec)} Lower bits per byte is better.\n\n"
             f"{markdown_table(header, table)}\n\n{diffs}![score against cost](benchmarks/results/{png.name})\n")
+
+
+def _settings(rec: dict) -> str:
+    """The settings each variant ran at, from the search records named (empty without a search)."""
+    ran = {r["variant"] for r in rec["runs"] if r.get("kind", "train") == "train"}
+    chosen = [f"{v}: " + ", ".join(f"{k.split('.')[-1]} {val}" for k, val in st.items())
+              for v, st in (rec.get("settings") or {}).items() if v in ran and st]
+    return (f" Settings chosen by the search ({len(rec.get('settings_from') or [])} records): "
+            + "; ".join(chosen) + ".") if chosen else ""
 
 
 def _to_sft(rec: dict, evals: list[str]) -> str:
@@ -302,9 +332,10 @@ def main() -> None:
                              ("lm-cpu2", lm_section, None), ("lm-full", lm_section, None),
                              ("lm-cache-cpu2", cache_section, None), ("speed-embedding", speed_section, None),
                              ("speed-lm", speed_section, None), ("speed-rows-lm", speed_section, None)):
-        rec = _merged(prefix, args.allow_dirty, keep)
-        if rec and (part := fn(rec)):
-            parts.append(part)
+        # the LM tables: every protocol (before and after the search, each budget), the latest first
+        for rec in (_protocols if prefix == "lm-cpu2" else lambda *a: [_merged(*a)])(prefix, args.allow_dirty, keep):
+            if rec and (part := fn(rec)):
+                parts.append(part)
     if part := dirty_section():
         parts.append(part)
     section = "\n".join(parts) if parts else "(no benchmark results yet)"

@@ -203,6 +203,18 @@ def test_lm_report_shows_each_methods_difference_to_sft_paired_by_seed(tmp_path,
     assert "| uld | +" not in section and "| teacher (fine-tuned) | +" not in section
 
 
+    # another budget is another protocol: both tables, the latest first, each with its own plot
+    long = {**rec, "time": "t1", "overrides": ["o", "train.max_steps=200"], "settings": {"sft": {"train.lr": "0.0003"}},
+            "settings_from": ["s.json"], "resolved_config": {**rec["resolved_config"], "train": {"max_steps": 200}}}
+    (tmp_path / "lm-t-20260101.json").write_text(json.dumps(rec))
+    (tmp_path / "lm-t-20260102.json").write_text(json.dumps(long))
+    first, second = report._protocols("lm-t")
+    assert first["time"] == "t1" and second["time"] == "t0"
+    text = report.lm_section(first)
+    assert "200 steps, each method at its searched setting" in text and "sft: lr 0.0003" in text
+    assert (tmp_path / "lm-t-200steps-searched.png").exists() and (tmp_path / "lm-t.png").exists()
+
+
 def test_report_merges_seeds_whose_evaluation_subset_lived_in_another_work_folder(tmp_path, monkeypatch):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import report
