@@ -144,7 +144,9 @@ def lm_section(rec: dict) -> str:
     rows_r = summarise(rec, "rougeL")
     rows_b = summarise(rec, "bpb")
     meta = ("variant", "group", "n_seeds", "errors", "seconds_per_step", "commits")
-    evals = [k for k in rows_r[0] if k not in meta] if rows_r else []
+    # every set but the selection rows ("holdout"), which a search chose on and are never reported
+    evals = [k for r in rows_b for k in r if k not in meta and k != "holdout"] if rows_b else []
+    evals = list(dict.fromkeys(evals))
     table, points = [], []
     for r, b in zip(rows_r, rows_b):
         cells = [r["variant"]]

@@ -188,7 +188,8 @@ def test_lm_report_shows_each_methods_difference_to_sft_paired_by_seed(tmp_path,
 
     def run(variant, seed, rouge, bpb, kind="train"):
         return {"variant": variant, "group": "reference" if kind != "train" else "method", "seed": seed, "kind": kind,
-                "scores": {"dolly": {"rougeL": rouge, "bpb": bpb}}, **({"seconds_per_step": 1.0} if kind == "train" else {})}
+                "scores": {"dolly": {"rougeL": rouge, "bpb": bpb}, "holdout": {"rougeL": None, "bpb": bpb + 0.01}},
+                **({"seconds_per_step": 1.0} if kind == "train" else {})}
 
     runs = [run("teacher (fine-tuned)", 42, 25.0, 0.8, "teacher"), run("sft", 42, 10.0, 2.0), run("sft", 43, 12.0, 1.9),
             run("mined", 42, 11.0, 1.8), run("mined", 43, 14.0, 1.8), run("uld", 44, 30.0, 0.1)]
@@ -201,6 +202,8 @@ def test_lm_report_shows_each_methods_difference_to_sft_paired_by_seed(tmp_path,
     assert "| mined | +1.50 ± 0.71 | -0.150 ± 0.071 | 2 |" in section
     # uld ran only a seed SFT did not: nothing to pair, no row; references are never differenced
     assert "| uld | +" not in section and "| teacher (fine-tuned) | +" not in section
+    # the selection rows (bits per byte only, ROUGE-L None) are what the search chose on: never reported
+    assert "holdout" not in section
 
 
     # another budget is another protocol: both tables, the latest first, each with its own plot

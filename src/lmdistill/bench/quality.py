@@ -325,9 +325,10 @@ def summarise(record: dict, metric: str | None = None) -> list[dict]:
                "errors": [f"seed {r['seed']}: {r['error']}" for r in by[name] if "error" in r],
                "commits": sorted({_commit_label(r) for r in by[name] if _commit_label(r)})}
         if runs:
-            for ev in runs[0]["scores"]:
-                vals = [r["scores"][ev] if metric is None else r["scores"][ev][metric] for r in runs]
-                row[ev] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
+            for ev in runs[0]["scores"]:  # a set without this metric (ROUGE-L on the selection rows) is left out
+                vals = [v for r in runs if (v := r["scores"][ev] if metric is None else r["scores"][ev][metric]) is not None]
+                if vals:
+                    row[ev] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
             sps = [r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]
             row["seconds_per_step"] = statistics.mean(sps) if sps else None
         rows.append(row)
@@ -352,7 +353,9 @@ def differences(record: dict, base: str = "sft", metric: str | None = None) -> l
     for name, per_seed in by.items():
         row: dict = {"variant": name, "n_pairs": len(per_seed)}
         for ev in ref[next(iter(per_seed))]:
-            d = [s[ev] - ref[seed][ev] for seed, s in per_seed.items() if ev in s]
-            row[ev] = (statistics.mean(d), statistics.stdev(d) if len(d) > 1 else None)
+            d = [s[ev] - ref[seed][ev] for seed, s in per_seed.items()
+                 if s.get(ev) is not None and ref[seed].get(ev) is not None]
+            if d:
+                row[ev] = (statistics.mean(d), statistics.stdev(d) if len(d) > 1 else None)
         rows.append(row)
     return rows
