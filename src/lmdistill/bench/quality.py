@@ -310,6 +310,17 @@ def _commit_label(run: dict) -> str | None:
     return str(commit)[:10] + ("+dirty" if run.get("git_dirty") else "")
 
 
+def _scores(run: dict, metric: str | None) -> dict:
+    """A run's score per evaluation set (``metric`` of each, where the sets hold several); a set
+    without that metric (ROUGE-L on the selection rows, which get bits per byte only) is left out."""
+    out = {ev: v if metric is None else v.get(metric) for ev, v in run["scores"].items()}
+    return {ev: v for ev, v in out.items() if v is not None}
+
+
+def _mean_sd(vals: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None
+
+
 def summarise(record: dict, metric: str | None = None) -> list[dict]:
     """Per variant: mean and standard deviation over seeds of every score, and seconds per step."""
     by: dict[str, list[dict]] = {}
@@ -325,10 +336,10 @@ def summarise(record: dict, metric: str | None = None) -> list[dict]:
                "errors": [f"seed {r['seed']}: {r['error']}" for r in by[name] if "error" in r],
                "commits": sorted({_commit_label(r) for r in by[name] if _commit_label(r)})}
         if runs:
-            for ev in runs[0]["scores"]:  # a set without this metric (ROUGE-L on the selection rows) is left out
-                vals = [v for r in runs if (v := r["scores"][ev] if metric is None else r["scores"][ev][metric]) is not None]
-                if vals:
-                    row[ev] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
+            per_run = [_scores(r, metric) for r in runs]
+            for ev in runs[0]["scores"]:
+                if vals := [s[ev] for s in per_run if ev in s]:
+                    row[ev] = _mean_sd(vals)
             sps = [r["seconds_per_step"] for r in runs if r.get("seconds_per_step")]
             row["seconds_per_step"] = statistics.mean(sps) if sps else None
         rows.append(row)
@@ -339,23 +350,18 @@ def differences(record: dict, base: str = "sft", metric: str | None = None) -> l
     """Per trained variant other than ``base``: its score minus ``base``'s at the same seed, as
     mean and standard deviation over the seeds both ran (paired: one seed is one data order for
     both). ``{"variant", "n_pairs", <set>: (mean, sd)}``; empty where ``base`` has no scores."""
-    def scores(r):
-        return {ev: (v if metric is None else v[metric]) for ev, v in r["scores"].items()}
-
-    ref = {r["seed"]: scores(r) for r in record["runs"] if r["variant"] == base and "scores" in r}
+    ref = {r["seed"]: _scores(r, metric) for r in record["runs"] if r["variant"] == base and "scores" in r}
     if not ref:
         return []
     by: dict[str, dict[int, dict]] = {}
     for r in record["runs"]:
         if r["variant"] != base and r.get("kind", "train") == "train" and "scores" in r and r["seed"] in ref:
-            by.setdefault(r["variant"], {})[r["seed"]] = scores(r)
+            by.setdefault(r["variant"], {})[r["seed"]] = _scores(r, metric)
     rows = []
     for name, per_seed in by.items():
         row: dict = {"variant": name, "n_pairs": len(per_seed)}
         for ev in ref[next(iter(per_seed))]:
-            d = [s[ev] - ref[seed][ev] for seed, s in per_seed.items()
-                 if s.get(ev) is not None and ref[seed].get(ev) is not None]
-            if d:
-                row[ev] = (statistics.mean(d), statistics.stdev(d) if len(d) > 1 else None)
+            if d := [s[ev] - ref[seed][ev] for seed, s in per_seed.items() if ev in s and ev in ref[seed]]:
+                row[ev] = _mean_sd(d)
         rows.append(row)
     return rows
