@@ -30,13 +30,20 @@ class ULDOptions:
 
 
 def sorted_l1(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
-    """Per row: L1 between the descending-sorted distributions, the shorter zero-padded ``[N]``."""
-    s = p_s.sort(dim=-1, descending=True).values
-    t = p_t.sort(dim=-1, descending=True).values
-    v = max(s.size(-1), t.size(-1))
-    s = F.pad(s, (0, v - s.size(-1)))
-    t = F.pad(t, (0, v - t.size(-1)))
-    return (s - t).abs().sum(-1)
+    """Per row: L1 between the descending-sorted non-negative vectors, the shorter zero-padded ``[N]``.
+
+    Only the ``v = min(V_S, V_T)`` largest entries of the longer side meet a non-zero partner;
+    its other entries meet the padding and add their sum. So the longer side takes its top
+    ``v`` (``topk``: about 4x cheaper than sorting Gemma's 262k entries) and its remainder
+    ``sum - sum(top v)``: the same value and the same gradient as sorting everything."""
+    v = min(p_s.size(-1), p_t.size(-1))
+
+    def top(p):
+        return p.sort(dim=-1, descending=True).values if p.size(-1) == v else p.topk(v, dim=-1).values
+
+    s, t = top(p_s), top(p_t)
+    rest = (p_s.sum(-1) - s.sum(-1)) + (p_t.sum(-1) - t.sum(-1))  # the entries that meet zero padding
+    return (s - t).abs().sum(-1) + rest
 
 
 @register("uld", kind="lm")
