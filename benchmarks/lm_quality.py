@@ -99,10 +99,10 @@ def main() -> None:
     if args.settings_from:
         import json
 
-        from lmdistill.bench.quality import select
+        from lmdistill.bench.quality import current_names, select
 
         settings = {name: s["chosen"] for name, s in
-                    select([json.loads(Path(f).read_text()) for f in args.settings_from]).items()}
+                    select([current_names(json.loads(Path(f).read_text())) for f in args.settings_from]).items()}
     if args.teacher:
         overrides.append(f"teacher={args.teacher}")
     if args.eval and not search:

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmdistill.bench.quality import differences, select, summarise  # noqa: E402
+from lmdistill.bench.quality import VARIANT_NAMES, current_names, differences, select, summarise  # noqa: E402
 from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -48,6 +48,8 @@ def _protocols(prefix: str, allow_dirty: bool = False, keep=None) -> list[dict]:
     recs = []
     for f in files:
         rec = json.loads(f.read_text())
+        if not prefix.startswith("lm-cache"):  # a cache record's "sra" is its own baseline, named in its table
+            rec = current_names(rec)
         if keep is not None and not keep(rec):
             continue
         if rec.get("git_dirty") and not allow_dirty:
@@ -84,7 +86,8 @@ def _merge(same: list[dict]) -> dict:
                 seen.add(key)
                 runs.append(run)
     order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for rec in same for r in rec["runs"]))}
-    base["runs"] = sorted(runs, key=lambda r: (order[r["variant"]], r["seed"]))
+    # the methods and references first, then ablations and knobs, each in the order they were first run
+    base["runs"] = sorted(runs, key=lambda r: (r.get("group") in ("ablation", "knob"), order[r["variant"]], r["seed"]))
     base["seeds"] = sorted({s for rec in same for s in rec["seeds"]})
     base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] + ("+dirty" if rec.get("git_dirty") else "")
                                          for rec in same))
@@ -271,9 +274,13 @@ def cache_section(rec: dict) -> str:
     rc = rec["resolved_config"]
     chosen = (rec.get("settings") or {}).get("sra", {})
     setting = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "the preset's"
+    # records before variant names v2 ran SRA's then default, the summed span logit KL
+    reduction = (rc.get("method_args") or {}).get("logit_reduction") or (
+        "mean" if rec.get("variant_names", 1) >= VARIANT_NAMES else "sum")
     header = ["variant", "teacher", "bits/byte", "s/step", "cache size", "cache build (min)"]
     return (f"### SRA from the teacher cache against the online teacher ({rec['preset']} preset)\n\n{_stamp(rec)}. "
-            f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}); bits per byte on the "
+            f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}; span logit KL reduction: "
+            f"{reduction}); bits per byte on the "
             f"{rc['data']['holdout']} held-out selection rows; the cache stores span CoMs and log-probabilities in "
             f"{rc['data']['teacher_cache_dtype']}.\n\n{markdown_table(header, rows)}\n")
 

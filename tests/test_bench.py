@@ -364,3 +364,55 @@ def test_every_row_name_can_be_named_on_the_command_line():
     import lm_quality
 
     assert "," not in lm_quality.cache_variant(64).name
+
+
+def test_records_before_the_default_changed_are_read_under_todays_names(tmp_path, monkeypatch):
+    """Until variant names v2 "sra" was the summed span logit KL; the averaged form is now SRA's
+    default and takes the name: an old record must not be read as today's default."""
+    from lmdistill.bench.quality import SRA_SUMMED, current_names
+
+    def run(variant, group, bpb):
+        return {"variant": variant, "group": group, "seed": 42, "kind": "train", "setting": {"train.lr": "0.001"},
+                "scores": {"holdout": {"rougeL": None, "bpb": bpb}}, "seconds_per_step": 1.0}
+
+    old = {"kind": "lm", "settings": {"sra": {"train.lr": "0.001"}, "sft": {"train.lr": "0.0003"}},
+           "runs": [run("sra", "method", 1.56), run("sra: span logit KL averaged over spans", "ablation", 1.54),
+                    run("sra: no span logit term", "ablation", 1.61)]}
+    now = current_names(old)
+    assert [(r["variant"], r["group"]) for r in now["runs"]] == [
+        (SRA_SUMMED, "ablation"), ("sra", "method"), ("sra: no span logit term", "ablation")]
+    assert now["settings"] == {SRA_SUMMED: {"train.lr": "0.001"}, "sft": {"train.lr": "0.0003"}}
+    assert old["runs"][0]["variant"] == "sra"  # the record read is not changed
+    assert current_names(now) is now  # a record under today's names stays as it is
+    embedding = {"kind": "embedding", "runs": [run("sra", "method", 1.0)]}
+    assert current_names(embedding) is embedding
+
+    # the report reads the old names as today's: "sra" is the averaged form, the summed one is named
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    common = {"preset": "t", "config": "c", "overrides": ["o"], "seeds": [42], "git_commit": "a" * 40,
+              "git_dirty": False, "time": "t0", "machine": {"cpus": 2}, "versions": {"torch": "x"}}
+    (tmp_path / "lm-search-t-20260101.json").write_text(json.dumps({**common, **old, "search": {"lr_factors": [1]}}))
+    merged = report._merged("lm-search-t")
+    assert [r["variant"] for r in merged["runs"]] == ["sra", SRA_SUMMED, "sra: no span logit term"]  # methods first
+
+
+def test_sra_defaults_to_the_averaged_span_kl_and_the_authors_regime_keeps_the_sum():
+    """The default is the dev split's choice; the authors' regime (config and benchmark row) is the
+    paper's summed span logit KL, and the config is the recipe with exactly the row's settings."""
+    from lmdistill.bench.quality import LM_VARIANTS, SRA_AUTHORS, SRA_SUMMED
+    from lmdistill.config import load_config
+    from lmdistill.methods.llm.sra import SRAOptions
+
+    assert SRAOptions().logit_reduction == "mean"
+    assert SRA_AUTHORS["method_args"]["logit_reduction"] == "sum"
+    assert "method_args.logit_reduction=sum" in {v.name: v for v in LM_VARIANTS}[SRA_SUMMED].overrides
+    configs = ROOT / "configs"
+    authors = load_config(configs / "sra-authors-gemma270m-to-smollm2.yaml").to_dict()
+    row = [*[f"method_args.{k}={v}" for k, v in SRA_AUTHORS["method_args"].items()],
+           f"train.lora={SRA_AUTHORS['lora']}", f"train.lr={SRA_AUTHORS['lr']}"]
+    recipe = load_config(configs / "sra-gemma270m-to-smollm2.yaml", row).to_dict()
+    assert authors.pop("output_dir") != recipe.pop("output_dir")
+    assert authors == recipe

@@ -36,7 +36,8 @@ EMBEDDING = {
 }
 IN_BATCH = {"talas", "rkd", "stella"}
 LM = {name: [f"method={name}", "method_args={}"] for name in ("sft", "uld", "mined", "dskd", "multilevel_ot")}
-LM["sra"] = ["method=sra"]
+LM["sra"] = ["method=sra"]  # its defaults: the span logit KL averaged over each row's spans
+LM["sra_summed"] = ["method=sra", "method_args.logit_reduction=sum"]  # the paper's sum (the default until 2026-12-07)
 
 
 def _stored() -> dict:
