@@ -411,8 +411,7 @@ def test_sra_defaults_to_the_averaged_span_kl_and_the_authors_regime_keeps_the_s
     assert "method_args.logit_reduction=sum" in {v.name: v for v in LM_VARIANTS}[SRA_SUMMED].overrides
     configs = ROOT / "configs"
     authors = load_config(configs / "sra-authors-gemma270m-to-smollm2.yaml").to_dict()
-    row = [*[f"method_args.{k}={v}" for k, v in SRA_AUTHORS["method_args"].items()],
-           f"train.lora={SRA_AUTHORS['lora']}", f"train.lr={SRA_AUTHORS['lr']}"]
+    row = {v.name: v for v in LM_VARIANTS}["sra: authors' regime"].overrides
     recipe = load_config(configs / "sra-gemma270m-to-smollm2.yaml", row).to_dict()
     assert authors.pop("output_dir") != recipe.pop("output_dir")
     assert authors == recipe

@@ -93,8 +93,6 @@ def current_names(rec: dict) -> dict:
                    if r.get("variant") in RENAMED_V2 else r for r in rec.get("runs", [])]
     if rec.get("settings"):
         rec["settings"] = {name(k): v for k, v in rec["settings"].items()}
-    if rec.get("search", {}).get("knobs_at"):
-        rec["search"] = dict(rec["search"], knobs_at={name(k): v for k, v in rec["search"]["knobs_at"].items()})
     return rec
 
 
