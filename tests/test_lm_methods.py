@@ -105,8 +105,35 @@ def test_sra_applies_both_heads_to_real_spans_only_and_gathers_the_teachers_rows
     assert torch.equal(rows.weight, t_head.weight[wrapper.method.shared_t])
     x = torch.randn(3, t_head.weight.shape[1])
     heads = wrapper.teacher_heads()
-    assert torch.equal(heads["teacher_logits"](x, wrapper.method.shared_t), real_fn(t_head, None, x,
-                                                                                   wrapper.method.shared_t))
+    torch.testing.assert_close(heads["teacher_logits"](x, wrapper.method.shared_t),
+                               real_fn(t_head, None, x, wrapper.method.shared_t), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.3, 0.94])
+def test_head_logits_over_some_ids_equal_the_full_heads_columns_with_their_gradients(share):
+    """A small id set gathers its rows; a large one (SRA's shared vocabulary) takes the columns of
+    the whole head's output. Both give the full head's logits at those ids, soft-capped, and the
+    same gradients to the states and to the head."""
+    from lmdistill.models import lm_head_logits
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 200)
+    ids = torch.randperm(200)[: int(200 * share)]
+    x = torch.randn(7, 16, requires_grad=True)
+    z = lm_head_logits(head, 30.0, x, ids)
+    gz = torch.randn_like(z)
+    (z * gz).sum().backward()
+    gx, gw, gb = x.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()
+    x.grad = head.weight.grad = head.bias.grad = None
+    ref = torch.tanh(head(x) / 30.0)[:, ids] * 30.0
+    (ref * gz).sum().backward()
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    for got, want in ((gx, x.grad), (gw, head.weight.grad), (gb, head.bias.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert gw[torch.ones(200, dtype=torch.bool).index_fill_(0, ids, False)].abs().sum() == 0  # rows outside ids
+    head.zero_grad(set_to_none=True)
+    lm_head_logits(head, None, x, ids, detach_weight=True).sum().backward()
+    assert head.weight.grad is None and head.bias.grad is None  # detached: the states' gradient only
 
 
 METHODS = ["sft", "sra", "uld", "mined", "dskd", "multilevel_ot"]

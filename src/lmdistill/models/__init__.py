@@ -419,18 +419,26 @@ def final_norm(model):
 
 
 def lm_head_logits(head, softcap, x, ids=None, detach_weight: bool = False):
-    """Logits of ``x`` through an LM head (only the ``ids`` rows when given), with soft-capping."""
+    """Logits of ``x`` through an LM head (only the ``ids`` rows when given), with soft-capping.
+
+    When ``ids`` covers at least half of the head's rows (SRA's shared vocabulary is 46k of
+    SmolLM2's 49k), the whole head is applied and the ``ids`` columns are taken from its output:
+    a few more multiply-adds instead of copying most of the weight at every step and scattering
+    its gradient back. Fewer ids gather their rows first."""
     import torch
     import torch.nn.functional as F
 
-    w = head.weight if ids is None else head.weight[ids]
-    b = getattr(head, "bias", None)
-    if b is not None and ids is not None:
-        b = b[ids]
+    w, b = head.weight, getattr(head, "bias", None)
+    select = ids is not None and 2 * ids.numel() >= w.shape[0]
+    if ids is not None and not select:
+        w = w[ids]
+        b = None if b is None else b[ids]
     if detach_weight:
         w = w.detach()
         b = None if b is None else b.detach()
     z = F.linear(x.to(w.dtype), w, b)
+    if select:
+        z = z[..., ids]
     if softcap:
         z = torch.tanh(z / softcap) * softcap
     return z
