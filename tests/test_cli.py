@@ -114,3 +114,41 @@ def test_the_student_folder_carries_a_model_card_that_matches_the_metrics(gpt2_l
     assert '"alpha": 0.5' in card and "AutoModelForCausalLM.from_pretrained" in card
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["data_files"] == m["data_files"]
+
+
+def test_a_distributed_replica_exits_hard_with_its_commands_code_and_a_single_process_returns(monkeypatch, tmp_path,
+                                                                                                capsys):
+    """A torchrun replica skips interpreter finalisation (where one aborted now and then after its
+    work was saved), with the command's own exit code; a plain process returns as before, and an
+    exception still propagates after the process group is closed."""
+    import pytest
+
+    from lmdistill import cli
+
+    exits = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    bad = ["train", str(tmp_path / "missing.yaml")]
+    assert cli.main(bad) == 2 and exits == []  # no process group: no hard exit
+    monkeypatch.setattr(cli, "_close_distributed", lambda: True)
+    with pytest.raises(Exited):
+        cli.main(bad)
+    assert exits == [2]
+    assert "error:" in capsys.readouterr().err
+
+    def boom(args):
+        raise RuntimeError("a bug")
+
+    closed = []
+    monkeypatch.setattr(cli, "_close_distributed", lambda: closed.append(1) or True)
+    monkeypatch.setattr(cli, "_run_command", boom)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(bad)
+    assert closed == [1] and exits == [2]  # closed, and the traceback is not swallowed by a hard exit

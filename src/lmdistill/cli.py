@@ -311,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
+        rc = _run_command(args)
+    finally:
+        distributed = _close_distributed()
+    if distributed:  # a replica of a torchrun job, its work done and saved
+        _exit_replica(rc)
+    return rc
+
+
+def _run_command(args) -> int:
+    try:
         return int(args.func(args) or 0)
     except LmdistillError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -318,12 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
-    finally:
-        _close_distributed()
 
 
-def _close_distributed() -> None:
-    """Tear the process group down before the interpreter exits.
+def _close_distributed() -> bool:
+    """Tear the process group down before the interpreter exits; True if there was one.
 
     Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable,
     which aborts a replica (SIGABRT, "terminate called without an active exception") after
@@ -336,6 +344,23 @@ def _close_distributed() -> None:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_replica(rc: int) -> None:
+    """End a distributed replica now, with its command's exit code, skipping interpreter finalisation.
+
+    Even with the process group destroyed, a replica on a loaded machine still aborted now and then
+    while the interpreter finalised (SIGABRT with no Python frame left: a C++ thread object of the
+    distributed runtime destroyed while joinable), after its work and metrics were written, and
+    torchrun then fails the whole job. Everything a run writes is closed by then; the logs are
+    flushed here.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover
