@@ -116,11 +116,11 @@ def test_the_student_folder_carries_a_model_card_that_matches_the_metrics(gpt2_l
     assert metrics["data_files"] == m["data_files"]
 
 
-def test_a_distributed_replica_exits_hard_with_its_commands_code_and_a_single_process_returns(monkeypatch, tmp_path,
-                                                                                                capsys):
-    """A torchrun replica skips interpreter finalisation (where one aborted now and then after its
-    work was saved), with the command's own exit code; a plain process returns as before, and an
-    exception still propagates after the process group is closed."""
+
+def test_a_distributed_replica_exits_at_once_with_its_commands_code(monkeypatch, tmp_path, capsys):
+    """Under a distributed launch (WORLD_SIZE > 1) the command ends the process at once with the
+    command's own exit code, skipping interpreter shutdown (where a replica aborted now and then
+    after its work was saved); a plain process exits normally, and main() never exits."""
     import pytest
 
     from lmdistill import cli
@@ -130,25 +130,19 @@ def test_a_distributed_replica_exits_hard_with_its_commands_code_and_a_single_pr
     class Exited(Exception):
         pass
 
-    def fake_exit(code):
+    def exit_now(code):
         exits.append(code)
         raise Exited
 
-    monkeypatch.setattr(cli.os, "_exit", fake_exit)
-    bad = ["train", str(tmp_path / "missing.yaml")]
-    assert cli.main(bad) == 2 and exits == []  # no process group: no hard exit
-    monkeypatch.setattr(cli, "_close_distributed", lambda: True)
+    monkeypatch.setattr(cli, "_exit_now", exit_now)
+    monkeypatch.setattr(sys, "argv", ["lmdistill", "train", str(tmp_path / "missing.yaml")])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as plain:
+        cli.run()
+    assert plain.value.code == 2 and exits == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Exited):
-        cli.main(bad)
+        cli.run()
     assert exits == [2]
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2 and exits == [2]  # main only returns
     assert "error:" in capsys.readouterr().err
-
-    def boom(args):
-        raise RuntimeError("a bug")
-
-    closed = []
-    monkeypatch.setattr(cli, "_close_distributed", lambda: closed.append(1) or True)
-    monkeypatch.setattr(cli, "_run_command", boom)
-    with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(bad)
-    assert closed == [1] and exits == [2]  # closed, and the traceback is not swallowed by a hard exit

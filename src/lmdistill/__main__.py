@@ -1,7 +1,5 @@
 """``python -m lmdistill`` runs the command line."""
 
-import sys
+from lmdistill.cli import run
 
-from lmdistill.cli import main
-
-sys.exit(main())
+run()

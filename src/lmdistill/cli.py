@@ -307,19 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``lmdistill`` command."""
+    """Entry point of the ``lmdistill`` command, callable from Python: returns the exit code."""
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    try:
-        rc = _run_command(args)
-    finally:
-        distributed = _close_distributed()
-    if distributed:  # a replica of a torchrun job, its work done and saved
-        _exit_replica(rc)
-    return rc
-
-
-def _run_command(args) -> int:
     try:
         return int(args.func(args) or 0)
     except LmdistillError as exc:
@@ -328,10 +318,35 @@ def _run_command(args) -> int:
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        _close_distributed()
 
 
-def _close_distributed() -> bool:
-    """Tear the process group down before the interpreter exits; True if there was one.
+def run() -> None:
+    """The ``lmdistill`` console command and ``python -m lmdistill``: ``main``, then the process ends.
+
+    A replica of a distributed launch (torchrun sets WORLD_SIZE) ends at once, skipping the
+    interpreter's shutdown: even with its process group destroyed, a replica on a loaded machine
+    still aborted now and then during that shutdown (SIGABRT with no Python frame left), after its
+    work and metrics were written, and torchrun then failed the whole job. ``main`` itself never
+    exits the process, so it stays safe to call from Python.
+    """
+    rc = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(rc)
+    sys.exit(rc)
+
+
+def _exit_now(rc: int) -> None:
+    """Flush the logs and streams, then end the process with ``rc`` without finalising the interpreter."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _close_distributed() -> None:
+    """Tear the process group down before the interpreter exits.
 
     Left to interpreter shutdown, gloo's worker threads can be destroyed while still joinable,
     which aborts a replica (SIGABRT, "terminate called without an active exception") after
@@ -344,24 +359,7 @@ def _close_distributed() -> bool:
             dist.barrier()
         finally:
             dist.destroy_process_group()
-        return True
-    return False
-
-
-def _exit_replica(rc: int) -> None:
-    """End a distributed replica now, with its command's exit code, skipping interpreter finalisation.
-
-    Even with the process group destroyed, a replica on a loaded machine still aborted now and then
-    while the interpreter finalised (SIGABRT with no Python frame left: a C++ thread object of the
-    distributed runtime destroyed while joinable), after its work and metrics were written, and
-    torchrun then fails the whole job. Everything a run writes is closed by then; the logs are
-    flushed here.
-    """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
