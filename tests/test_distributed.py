@@ -79,6 +79,7 @@ def test_sra_on_two_processes_matches_one(cached, llama_lm, gpt2_lm, same_rows_f
 NAN_ON_RANK_1 = """
 import os, sys
 import lmdistill.train.embedding as emb
+from lmdistill.cli import finish
 from lmdistill.config import load_config
 from lmdistill.methods.embedding.talas import Talas
 
@@ -96,6 +97,7 @@ def flaky(self, *a, **k):
 
 Talas.forward = flaky
 emb.run_embedding(load_config(sys.argv[1], sys.argv[2:]), progress=False)
+finish(0)  # as the command ends: close the process group, then exit at once
 """
 
 

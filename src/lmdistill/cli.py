@@ -323,15 +323,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``lmdistill`` console command and ``python -m lmdistill``: ``main``, then the process ends.
+    """The ``lmdistill`` console command and ``python -m lmdistill``: ``main``, then ``finish``."""
+    finish(main())
 
-    A replica of a distributed launch (torchrun sets WORLD_SIZE) ends at once, skipping the
-    interpreter's shutdown: even with its process group destroyed, a replica on a loaded machine
-    still aborted now and then during that shutdown (SIGABRT with no Python frame left), after its
-    work and metrics were written, and torchrun then failed the whole job. ``main`` itself never
-    exits the process, so it stays safe to call from Python.
+
+def finish(rc: int = 0) -> None:
+    """End the process as the command does; a script that trains under torchrun ends with it too.
+
+    The process group is closed; then a replica of a distributed launch (torchrun sets
+    WORLD_SIZE) ends at once, skipping the interpreter's shutdown: even with its process group
+    destroyed, a replica on a loaded machine still aborted now and then during that shutdown
+    (SIGABRT with no Python frame left), after its work and metrics were written, and torchrun then
+    failed the whole job. ``main`` itself never ends the process, so it stays safe to call from Python.
     """
-    rc = main()
+    _close_distributed()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_now(rc)
     sys.exit(rc)
