@@ -3,6 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -116,13 +118,10 @@ def test_the_student_folder_carries_a_model_card_that_matches_the_metrics(gpt2_l
     assert metrics["data_files"] == m["data_files"]
 
 
-
 def test_a_distributed_replica_exits_at_once_with_its_commands_code(monkeypatch, tmp_path, capsys):
     """Under a distributed launch (WORLD_SIZE > 1) the command ends the process at once with the
     command's own exit code, skipping interpreter shutdown (where a replica aborted now and then
     after its work was saved); a plain process exits normally, and main() never exits."""
-    import pytest
-
     from lmdistill import cli
 
     exits = []
