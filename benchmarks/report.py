@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lmdistill.bench.quality import VARIANT_NAMES, current_names, differences, select, summarise  # noqa: E402
+from lmdistill.bench.quality import current_names, differences, select, summarise  # noqa: E402
 from lmdistill.report.records import fmt, markdown_table, plot_score_vs_cost, update_readme  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -66,12 +66,23 @@ def _protocols(prefix: str, allow_dirty: bool = False, keep=None) -> list[dict]:
     for rec in reversed(recs):
         key = _protocol(rec)
         for g in groups:
-            if all(_protocol(g[0]).get(k) == key.get(k) for k in ("config", "overrides", "settings")):
+            first = _protocol(g[0])
+            if (all(first.get(k) == key.get(k) for k in ("config", "overrides"))
+                    and _same_choices(first.get("settings"), key.get("settings"))):
                 g.insert(0, rec)
                 break
         else:
             groups.append([rec])
     return [_merge(same) for same in groups]
+
+
+def _same_choices(a: dict | None, b: dict | None) -> bool:
+    """Two records' search choices belong to one protocol when every variant both name has the same
+    setting in both: a method searched later (or a run renamed out of a variant) adds a name, it
+    does not start another protocol. Records without a search match only each other."""
+    if a is None or b is None:
+        return a is b
+    return all(a[v] == b[v] for v in a.keys() & b.keys())
 
 
 def _merge(same: list[dict]) -> dict:
@@ -86,8 +97,10 @@ def _merge(same: list[dict]) -> dict:
                 seen.add(key)
                 runs.append(run)
     order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for rec in same for r in rec["runs"]))}
-    # the methods and references first, then ablations and knobs, each in the order they were first run
-    base["runs"] = sorted(runs, key=lambda r: (r.get("group") in ("ablation", "knob"), order[r["variant"]], r["seed"]))
+    # the methods and references first, then ablations and knobs, then superseded runs (a method as it ran
+    # before a fix), each in the order they were first run
+    rank = {"ablation": 1, "knob": 1, "superseded": 2}
+    base["runs"] = sorted(runs, key=lambda r: (rank.get(r.get("group"), 0), order[r["variant"]], r["seed"]))
     base["seeds"] = sorted({s for rec in same for s in rec["seeds"]})
     base["commits"] = list(dict.fromkeys(str(rec.get("git_commit"))[:10] + ("+dirty" if rec.get("git_dirty") else "")
                                          for rec in same))
@@ -276,7 +289,7 @@ def cache_section(rec: dict) -> str:
     setting = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "the preset's"
     # records before variant names v2 ran SRA's then default, the summed span logit KL
     reduction = (rc.get("method_args") or {}).get("logit_reduction") or (
-        "mean" if rec.get("variant_names", 1) >= VARIANT_NAMES else "sum")
+        "mean" if rec.get("variant_names", 1) >= 2 else "sum")
     header = ["variant", "teacher", "bits/byte", "s/step", "cache size", "cache build (min)"]
     return (f"### SRA from the teacher cache against the online teacher ({rec['preset']} preset)\n\n{_stamp(rec)}. "
             f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}; span logit KL reduction: "

@@ -399,6 +399,28 @@ def test_records_before_the_default_changed_are_read_under_todays_names(tmp_path
     assert [r["variant"] for r in merged["runs"]] == ["sra", SRA_SUMMED, "sra: no span logit term"]  # methods first
 
 
+def test_dskd_runs_from_before_its_embedding_scale_fix_keep_a_name_of_their_own():
+    """Variant names v3: "dskd" is DSKD with unit-scale teacher embeddings. A DSKD run of an older
+    record, v1 or v2, is read under its own name, in its own group, and so is its search's choice."""
+    from lmdistill.bench.quality import DSKD_BEFORE_FIX, SRA_SUMMED, VARIANT_NAMES, current_names, select
+
+    def run(variant, bpb):
+        return {"variant": variant, "group": "method", "seed": 42, "kind": "train", "setting": {"train.lr": "0.001"},
+                "scores": {"holdout": {"rougeL": None, "bpb": bpb}}}
+
+    v2 = {"kind": "lm", "variant_names": 2, "settings": {"dskd": {"train.lr": "0.001"}},
+          "runs": [run("dskd", 1.92), run("sra", 1.78)]}
+    v1 = {"kind": "lm", "runs": [run("sra", 1.86), run("dskd", 1.99)]}
+    for rec, want in ((v2, [DSKD_BEFORE_FIX, "sra"]), (v1, [SRA_SUMMED, DSKD_BEFORE_FIX])):
+        now = current_names(rec)
+        assert [r["variant"] for r in now["runs"]] == want and now["variant_names"] == VARIANT_NAMES
+        assert {r["variant"]: r["group"] for r in now["runs"]}[DSKD_BEFORE_FIX] == "superseded"
+    assert current_names(v2)["settings"] == {DSKD_BEFORE_FIX: {"train.lr": "0.001"}}
+    v3 = {"kind": "lm", "variant_names": 3, "runs": [run("dskd", 1.70)]}
+    chosen = select([current_names(r) for r in (v1, v2, v3)])
+    assert chosen["dskd"]["score"] == 1.70 and chosen[DSKD_BEFORE_FIX]["score"] == 1.92  # never mixed
+
+
 def test_sra_defaults_to_the_averaged_span_kl_and_the_authors_regime_keeps_the_sum():
     """The default is the dev split's choice; the authors' regime (config and benchmark row) is the
     paper's summed span logit KL, and the config is the recipe with exactly the row's settings."""
@@ -415,3 +437,27 @@ def test_sra_defaults_to_the_averaged_span_kl_and_the_authors_regime_keeps_the_s
     recipe = load_config(configs / "sra-gemma270m-to-smollm2.yaml", row).to_dict()
     assert authors.pop("output_dir") != recipe.pop("output_dir")
     assert authors == recipe
+
+
+def test_a_method_searched_later_joins_its_protocols_table(tmp_path, monkeypatch):
+    """Records of one protocol written before and after a method's (re)search differ in their
+    settings by that method only: they make one table. A record whose choice for a variant they
+    share differs is another protocol."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    common = {"kind": "lm", "variant_names": 3, "preset": "t", "config": "c", "overrides": ["o"], "seeds": [42],
+              "git_commit": "a" * 40, "git_dirty": False, "machine": {"cpus": 2}, "versions": {"torch": "x"}}
+
+    def rec(stamp, settings, variant):
+        run = {"variant": variant, "group": "method", "seed": 42, "kind": "train",
+               "scores": {"holdout": {"rougeL": None, "bpb": 1.5}}}
+        (tmp_path / f"lm-t-{stamp}.json").write_text(json.dumps({**common, "time": stamp, "settings": settings,
+                                                                 "runs": [run]}))
+
+    rec("20260101", {"sft": {"train.lr": "0.0003"}}, "sft")
+    rec("20260102", {"sft": {"train.lr": "0.0003"}, "dskd": {"train.lr": "0.001"}}, "dskd")
+    rec("20260103", {"sft": {"train.lr": "0.001"}}, "sft")
+    tables = report._protocols("lm-t")
+    assert [sorted(r["variant"] for r in t["runs"]) for t in tables] == [["sft"], ["dskd", "sft"]]

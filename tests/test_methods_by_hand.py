@@ -116,3 +116,26 @@ def test_sra_options_uniform_weights_orthogonal_projectors_layer_pairs(gpt2_lm, 
     for proj in m.projectors:  # d_S 32 -> d_T 32 here: P P^T = I
         P = proj.weight
         assert torch.allclose(P @ P.T, torch.eye(P.size(0)), atol=1e-5)
+
+
+def test_dskd_does_not_depend_on_the_scale_the_teachers_embedding_module_applies(gpt2_lm, llama_lm,
+                                                                                  instructions_file):
+    """Gemma's embedding module returns the table's rows times sqrt(d) (25.3 at d = 640). DSKD divides
+    the embeddings it looks up by their own std, as the reference does, so its terms do not depend on
+    that factor. Dividing by the table's std instead left Gemma's keys and target embeddings 25 times
+    too large: near-hard attention and a projected-teacher CE in the tens."""
+    from test_lm_methods import _setup
+
+    wrapper, batch = _setup("dskd", gpt2_lm, llama_lm, instructions_file)
+    plain = wrapper.method._t_emb
+
+    class Scaled(torch.nn.Module):
+        def forward(self, ids):
+            return plain(ids) * 25.3
+
+    with torch.no_grad():
+        before = wrapper(**batch)
+        wrapper.method._t_emb = Scaled()  # the method's lookups only; the teacher's forward is unchanged
+        after = wrapper(**batch)
+    for term in ("ce_t2s", "kd_student", "kd_teacher", "loss"):
+        assert float(after[term]) == pytest.approx(float(before[term]), rel=1e-4), term

@@ -73,26 +73,35 @@ SRA_AUTHORS = {
 # at 200 steps chose the mean over spans (README, "SRA's defaults")
 SRA_SUMMED = "sra: span logit KL summed over spans (as specified)"
 
-# Version 2 of the LM benchmark's variant names: "sra" is SRA at its defaults, now the averaged span
-# logit KL. Records written before (no "variant_names" field) named the summed form "sra" and the
-# averaged one "sra: span logit KL averaged over spans"; ``current_names`` reads them under today's.
-VARIANT_NAMES = 2
-RENAMED_V2 = {"sra": (SRA_SUMMED, "ablation"), "sra: span logit KL averaged over spans": ("sra", "method")}
+# DSKD as it ran before its teacher embeddings were divided by their own std (they were divided by
+# the embedding table's std: 25 times too large for Gemma, whose module scales the rows by sqrt(d))
+DSKD_BEFORE_FIX = "dskd: teacher embeddings 25x too large (before the fix; superseded)"
+
+# Versions of the LM benchmark's variant names; a record carries the version it was written under
+# ("variant_names", none before version 2) and ``current_names`` reads it under today's names.
+# Version 2: "sra" is SRA at its defaults, now the averaged span logit KL; records before named the
+# summed form "sra" and the averaged one "sra: span logit KL averaged over spans".
+# Version 3: "dskd" is DSKD with its teacher embeddings at unit scale; earlier DSKD runs are kept
+# under their own name (their numbers are not today's method's).
+VARIANT_NAMES = 3
+RENAMED = {
+    2: {"sra": (SRA_SUMMED, "ablation"), "sra: span logit KL averaged over spans": ("sra", "method")},
+    3: {"dskd": (DSKD_BEFORE_FIX, "superseded")},
+}
 
 
 def current_names(rec: dict) -> dict:
     """An LM quality or search record under today's variant names (a copy; newer records as they are)."""
-    if rec.get("kind") != "lm" or rec.get("variant_names", 1) >= VARIANT_NAMES:
+    version = rec.get("variant_names", 1)
+    if rec.get("kind") != "lm" or version >= VARIANT_NAMES:
         return rec
-
-    def name(n: str) -> str:
-        return RENAMED_V2.get(n, (n, None))[0]
-
-    rec = dict(rec, variant_names=VARIANT_NAMES)
-    rec["runs"] = [dict(r, variant=name(r["variant"]), group=RENAMED_V2[r["variant"]][1])
-                   if r.get("variant") in RENAMED_V2 else r for r in rec.get("runs", [])]
-    if rec.get("settings"):
-        rec["settings"] = {name(k): v for k, v in rec["settings"].items()}
+    rec = dict(rec, variant_names=VARIANT_NAMES, runs=list(rec.get("runs", [])))
+    for v in range(version + 1, VARIANT_NAMES + 1):
+        renamed = RENAMED[v]
+        rec["runs"] = [dict(r, variant=renamed[r["variant"]][0], group=renamed[r["variant"]][1])
+                       if r.get("variant") in renamed else r for r in rec["runs"]]
+        if rec.get("settings"):
+            rec["settings"] = {renamed.get(k, (k, None))[0]: s for k, s in rec["settings"].items()}
     return rec
 
 

@@ -4,10 +4,11 @@ Cross-model attention aligns teacher response positions to student response posi
 
 * query = Linear(2 d_S -> 2 d_T)[student input-token embedding ; student target-token
   embedding] (embeddings detached);
-* key = [teacher input embedding ; teacher target embedding] / std (std of the teacher's
-  embedding matrix);
+* key = [teacher input embedding ; teacher target embedding] / std;
 * value (teacher -> student) = Linear(d_T -> d_S)(teacher last hidden / std + teacher target
-  embedding / std);
+  embedding / std), each std that of the tensor it divides, so the teacher's inputs have unit
+  scale whatever its embedding module multiplies the table's rows by (Gemma's: sqrt(d), 25 at
+  d = 640; dividing by the table's std instead left them 25 times too large);
 * ``A = softmax(Q K^T / sqrt(2 d_T))`` over the teacher positions of the same example;
   ``h_t2s = A V``; the reverse direction uses ``softmax(A^T)`` over student positions on
   Linear(d_S -> d_T)(student last hidden).
@@ -15,8 +16,8 @@ Cross-model attention aligns teacher response positions to student response posi
 ``L = (1 - alpha) CE + alpha [ CE(h_t2s W_S^T, y) + sum_pos KL(sg(p_t2s) || p_S) 1[argmax = y]
 + sum_pos KL(p_T || p_s2t) ]`` with the LM heads detached for the projected terms; alpha 0.5,
 temperature 2 as in the reference scripts, forward KL (the reference's default divergence).
-Deviations: the std of the teacher's hidden states is taken over the batch's response
-positions; KD sums are averaged over positions.
+Deviations: each std is taken over the batch's response positions (the reference takes it
+over the padded batch); KD sums are averaged over positions.
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def cross_model_attention(q: torch.Tensor, k: torch.Tensor, example_q: torch.Ten
     return scores.softmax(-1).nan_to_num(0.0), scores
 
 
+def unit_std(x: torch.Tensor) -> torch.Tensor:
+    """``x`` divided by its own standard deviation (over all its entries)."""
+    return x / x.std().clamp_min(1e-6)
+
+
 def gated_kl(z_t2s: torch.Tensor, z_s: torch.Tensor, target: torch.Tensor, tau: float):
     """``sum_pos KL(sg(p_t2s) || p_S) 1[argmax p_t2s = y] / N``: the projected teacher teaches only
     where it predicts the right token. Returns the term and the gate ``[N]``."""
@@ -76,8 +82,6 @@ class DSKD(LMMethod):
         self.d_t = d_t
         self._s_emb = student.get_input_embeddings()
         self._t_emb = teacher.get_input_embeddings()
-        with torch.no_grad():
-            self.t_emb_std = float(self._t_emb.weight.float().std())
 
     def forward(self, batch, s, t, heads):
         o = self.opts
@@ -86,12 +90,12 @@ class DSKD(LMMethod):
         with torch.no_grad():
             s_in = self._s_emb(s_ids[s.resp.b, s.resp.t]).float()
             s_tg = self._s_emb(s.resp.target).float()
-            t_in = self._t_emb(t_ids[t.resp.b, t.resp.t]).float() / self.t_emb_std
-            t_tg = self._t_emb(t.resp.target).float() / self.t_emb_std
-            t_h = t.hidden[max(t.hidden)][t.resp.b, t.resp.t].float()
-            t_h = t_h / t_h.std().clamp_min(1e-6)
+            t_in = self._t_emb(t_ids[t.resp.b, t.resp.t]).float()
+            t_tg = self._t_emb(t.resp.target).float()
+            k = unit_std(torch.cat([t_in, t_tg], -1))  # [Nt, 2 d_T]
+            t_tg = unit_std(t_tg)
+            t_h = unit_std(t.hidden[max(t.hidden)][t.resp.b, t.resp.t].float())
         q = self.query(torch.cat([s_in, s_tg], -1))  # [Ns, 2 d_T]
-        k = torch.cat([t_in, t_tg], -1)  # [Nt, 2 d_T]
         a, scores = cross_model_attention(q, k, s.resp.b, t.resp.b)
         h_t2s = a @ self.t2s(t_h + t_tg)  # [Ns, d_S]
         w_s = heads.student_head_weight.detach()
