@@ -32,6 +32,7 @@ from lmdistill.errors import LmdistillError
 from lmdistill.methods.llm.base import Heads, Response, Side, logits_from_targets, num_layers
 from lmdistill.models import decoder_and_head, final_norm, lm_head_logits
 from lmdistill.models.attention import RowCapture
+from lmdistill.models.head_kl import lm_head_kl
 from lmdistill.registry import get_method
 from lmdistill.report.card import data_file_hashes
 from lmdistill.train.base import DistillTrainer, train_and_measure, training_arguments, write_metrics
@@ -127,6 +128,7 @@ class LMDistillModel(nn.Module):
         heads = Heads(ce=ce, student_head_weight=s_head.weight, student_norm=final_norm(self.student),
                       student_logits=lambda x, ids=None, detach_weight=False: lm_head_logits(s_head, s_cap, x, ids,
                                                                                               detach_weight),
+                      student_kl=lambda x, ids, logp, tau: lm_head_kl(s_head, s_cap, x, ids, logp, tau),
                       **(self.teacher_heads() if self.teacher is not None else {}))
         out = m(batch, s, t, heads)
         if "align_ratio" in batch:

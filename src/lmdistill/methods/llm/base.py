@@ -83,6 +83,9 @@ class Heads:
     student_head_weight: torch.Tensor | None = None
     student_norm: nn.Module | None = None
     student_logits: Callable | None = None  # (states, vocabulary ids=None, detach_weight=False) -> logits
+    # (states, vocabulary ids, logp [N, len(ids)], tau) -> [N] KL(exp(logp) || softmax(student logits / tau)),
+    # fused (lmdistill.models.head_kl): the same numbers as through student_logits, with less time and memory
+    student_kl: Callable | None = None
     teacher_head_weight: torch.Tensor | None = None
     teacher_norm: nn.Module | None = None
     teacher_logits: Callable | None = None  # as student_logits, the weight detached

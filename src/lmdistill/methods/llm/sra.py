@@ -150,6 +150,13 @@ def span_logit_kl_to(z_s: torch.Tensor, logp_t: torch.Tensor, idx: torch.Tensor 
         rest_t = (1 - p.sum(-1)).clamp_min(0)
         rest_s = (1 - ls.exp().sum(-1)).clamp_min(1e-12)
         kl_real = kl_real + torch.where(rest_t > 0, rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log()), 0.0)
+    return reduce_span_kl(kl_real, span_mask, reduction)
+
+
+def reduce_span_kl(kl_real: torch.Tensor, span_mask: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """The span logit term from each real span's KL (``kl_real [N]``, ``span_mask``'s order): summed
+    over spans / B, or the mean over each row's spans averaged over rows (see :func:`span_logit_kl`)."""
+    real = span_mask.bool()
     kl = kl_real.new_zeros(span_mask.shape).masked_scatter(real, kl_real)  # [B, K], 0 at padding
     if reduction == "mean":
         return (kl.sum(-1) / real.sum(-1).clamp_min(1)).mean()
@@ -311,10 +318,15 @@ class SRA(LMMethod):
             c_s = coms_s[-1][span_mask.bool()]  # the real spans only: no logits for padding
             if self.norm_s:
                 c_s = heads.student_norm(c_s.to(heads.student_head_weight.dtype))
-            z_s = heads.student_logits(c_s, self.shared_s)
             if "shared_mass" in tg:
                 out["shared_mass"] = tg["shared_mass"]
-            out["logit"] = span_logit_kl_to(z_s, tg["logp"], tg.get("idx"), span_mask, o.tau, o.logit_reduction)
+            if "idx" not in tg and heads.student_kl is not None:  # the whole shared vocabulary: fused
+                logp = tg["logp"] if tg["logp"].dim() == 2 else tg["logp"][span_mask.bool()]
+                kl_real = heads.student_kl(c_s, self.shared_s, logp, o.tau)
+                out["logit"] = reduce_span_kl(kl_real, span_mask, o.logit_reduction)
+            else:  # a cache's top k plus the rest
+                z_s = heads.student_logits(c_s, self.shared_s)
+                out["logit"] = span_logit_kl_to(z_s, tg["logp"], tg.get("idx"), span_mask, o.tau, o.logit_reduction)
             distill = distill + o.w_logit * out["logit"]
         out["loss"] = o.alpha * heads.ce + (1 - o.alpha) * distill
         return out
