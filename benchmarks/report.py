@@ -59,6 +59,7 @@ def _protocols(prefix: str, allow_dirty: bool = False, keep=None) -> list[dict]:
         for run in rec.get("runs", []):
             run.setdefault("git_commit", rec.get("git_commit"))
             run.setdefault("git_dirty", rec.get("git_dirty"))
+            run.setdefault("variant_names", rec.get("variant_names", 1))
         recs.append(rec)
     if recs and "runs" not in recs[-1]:  # the speed benchmark: one run is the whole measurement
         return [dict(recs[-1])]
@@ -273,40 +274,55 @@ def knob_section(rec: dict) -> str:
 
 
 def cache_section(rec: dict) -> str:
-    """SRA from a teacher cache against SRA online: quality on the selection rows, size, build time."""
+    """SRA from a teacher cache against SRA online: quality on the selection rows, size, build time.
+    Each row names its span logit KL reduction and commit: records from before the averaged
+    default (variant names v2) ran the summed KL."""
+    rc = rec["resolved_config"]
+    explicit = (rc.get("method_args") or {}).get("logit_reduction")
     rows = []
     for r in rec["runs"]:
+        reduction = explicit or ("mean" if r.get("variant_names", 1) >= 2 else "sum")
+        commit = str(r.get("git_commit"))[:7]
         if not r.get("scores"):
-            rows.append([r["variant"], "-", "failed: " + str(r.get("error"))[:80], "-", "-", "-"])
+            rows.append([r["variant"], reduction, "-", "failed: " + str(r.get("error"))[:80], "-", "-", "-", commit])
             continue
         c = r.get("teacher_cache") or {}
         size = f"{c['bytes_per_row'] / 2**10:.0f} KB a row, {c['bytes'] / 2**20:.0f} MB for {c['rows']} rows" if c else "-"
         build = fmt(c["build_seconds"] / 60, None, 1) if c.get("build_seconds") else "-"
-        rows.append([r["variant"], r.get("teacher_source") or "-", fmt(r["scores"]["holdout"]["bpb"], None, 3),
-                     fmt(r.get("seconds_per_step"), None, 2), size, build])
-    rc = rec["resolved_config"]
+        rows.append([r["variant"], reduction, r.get("teacher_source") or "-", fmt(r["scores"]["holdout"]["bpb"], None, 3),
+                     fmt(r.get("seconds_per_step"), None, 2), size, build, commit])
     chosen = (rec.get("settings") or {}).get("sra", {})
     setting = ", ".join(f"{k}={v}" for k, v in chosen.items()) or "the preset's"
-    # records before variant names v2 ran SRA's then default, the summed span logit KL
-    reduction = (rc.get("method_args") or {}).get("logit_reduction") or (
-        "mean" if rec.get("variant_names", 1) >= 2 else "sum")
-    header = ["variant", "teacher", "bits/byte", "s/step", "cache size", "cache build (min)"]
+    header = ["variant", "span logit KL", "teacher", "bits/byte", "s/step", "cache size", "cache build (min)", "commit"]
     return (f"### SRA from the teacher cache against the online teacher ({rec['preset']} preset)\n\n{_stamp(rec)}. "
-            f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}; span logit KL reduction: "
-            f"{reduction}); bits per byte on the "
-            f"{rc['data']['holdout']} held-out selection rows; the cache stores span CoMs and log-probabilities in "
-            f"{rc['data']['teacher_cache_dtype']}.\n\n{markdown_table(header, rows)}\n")
+            f"One seed ({rec['seeds'][0]}) at SRA's chosen setting ({setting}); each row names its span logit KL "
+            "reduction (before 2026-12-07 SRA's default summed it over spans; compare rows of one reduction); "
+            f"bits per byte on the {rc['data']['holdout']} held-out selection rows; the cache stores span CoMs and "
+            f"log-probabilities in {rc['data']['teacher_cache_dtype']}.\n\n{markdown_table(header, rows)}\n")
 
 
 def speed_section(rec: dict) -> str:
     to_sft = any("ratio_to_sft" in r for r in rec["methods"].values())
+    paired = rec.get("paired") or {}
+    pair_cols = (["x floor, paired"] + (["x SFT, paired"] if to_sft else [])) if paired else []
+
+    def paired_cells(name: str) -> list[str]:
+        if not paired:
+            return []
+        p = paired.get(name, {})
+        cells = [fmt(p.get("ratio"), p.get("ratio_sd")) if name != "floor" else "1.00"]
+        if to_sft:
+            cells.append(fmt(p.get("ratio_to_sft"), p.get("ratio_to_sft_sd")) if name != "floor" else "-")
+        return cells
+
     rows = [["floor", fmt(rec["floor"]["s_per_step"], rec["floor"].get("s_per_step_sd"), 3),
-             fmt(rec["floor"]["peak_mb"], None, 0), "1.00"] + (["-", "-"] if to_sft else [])]
+             fmt(rec["floor"]["peak_mb"], None, 0), "1.00"] + (["-", "-"] if to_sft else []) + paired_cells("floor")]
     for name, r in rec["methods"].items():
         rows.append([name, fmt(r["s_per_step"], r.get("s_per_step_sd"), 3), fmt(r["peak_mb"], None, 0),
                      fmt(r["ratio"], r.get("ratio_sd"))]
-                    + ([fmt(r.get("ratio_to_sft"), r.get("ratio_to_sft_sd")), fmt(r.get("peak_to_sft"))] if to_sft else []))
-    header = ["method", "s/step", "peak MB", "x floor"] + (["x SFT", "peak x SFT"] if to_sft else [])
+                    + ([fmt(r.get("ratio_to_sft"), r.get("ratio_to_sft_sd")), fmt(r.get("peak_to_sft"))] if to_sft else [])
+                    + paired_cells(name))
+    header = ["method", "s/step", "peak MB", "x floor"] + (["x SFT", "peak x SFT"] if to_sft else []) + pair_cols
     floor = ("teacher forward without LM head + student SFT step" if rec["pair"] == "lm"
              else "student step with a cached teacher (cosine KD, AdamW)")
     rows_only = ", selected rows, a run of their own" if rec.get("selected") else ""
@@ -314,6 +330,10 @@ def speed_section(rec: dict) -> str:
     spread = (f"; {rounds} rounds in alternating order, each row a fresh process each round: s/step is the mean over "
               "rounds ± the sd of the round means, a ratio the median of its per-round ratios ± their sd"
               if rounds > 1 else "; one round: ± is the sd over timed steps")
+    if paired:
+        spread += (f". Paired columns: every row set up in one further process, the rows taking their {rec['steps']} "
+                   "steps in turn; a ratio is the median over steps of the row's step over the floor's (SFT's) step "
+                   "of the same cycle ± their sd")
     return (f"### Cost, {rec['pair']} pair ({rec['device']}, batch {rec['floor']['batch']}, {rec['steps']} timed "
             f"steps{' per round' if rounds > 1 else ''}{rows_only})\n\n"
             f"{_stamp(rec)}. Floor: {floor}. Peak memory on the CPU is the peak resident set of a fresh process "

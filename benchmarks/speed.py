@@ -6,6 +6,8 @@ both pairs, written to benchmarks/results/speed-<pair>-<time>.json.
 Every row is timed in each of ``--rounds`` rounds (a fresh process each time, the order reversed
 every other round); a ratio is taken within its round and the record keeps the median and the
 spread over rounds, so a machine that drifts during the run cannot make a method beat its floor.
+With ``--paired`` every row is also set up in one process and the rows take their steps in turn:
+each step's ratio to the floor's step of the same cycle, median and spread over the steps.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--teacher", default=None, help="LM teacher override (cost does not depend on fine-tuning)")
     ap.add_argument("--methods", default=None, help="comma-separated rows (default: all of the pair's)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also time every row in one process, steps in turn (per-step ratios; see speed_benchmark)")
     args = ap.parse_args()
     for pair in (["embedding", "lm"] if args.pair == "both" else [args.pair]):
         ov = [f"teacher={args.teacher}"] if (args.teacher and pair == "lm") else []
         methods = args.methods.split(",") if args.methods else None
-        res = speed_benchmark(pair, methods, steps=args.steps, preset=args.preset, overrides=ov, rounds=args.rounds)
+        res = speed_benchmark(pair, methods, steps=args.steps, preset=args.preset, overrides=ov, rounds=args.rounds,
+                              paired=args.paired)
         res.update(environment())
         res["overrides"] = ov
         res["selected"] = bool(methods)  # some rows only: a record of its own, beside the full table

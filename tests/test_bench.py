@@ -65,6 +65,31 @@ def test_speed_benchmark_rounds_take_each_ratio_within_its_round(tiny_st, tiny_s
         speed.speed_benchmark("embedding", ["rkd"], rounds=0)
 
 
+def test_paired_speed_ratios_are_taken_step_by_step(tiny_st, tiny_st_student, sentences_file):
+    from lmdistill.bench import speed
+
+    # a machine that slows down 4x over three cycles: each step's ratio to the floor's step of the
+    # same cycle stays 1.1 (and 1.375 to SFT's); the median steps move with the drift
+    summary = speed.paired_summary({"floor": [1.0, 2.0, 4.0], "sft": [0.8, 1.6, 3.2], "sra": [1.1, 2.2, 4.4]})
+    assert summary["sra"]["ratio"] == 1.1 and summary["sra"]["ratio_sd"] == 0.0
+    assert summary["sra"]["ratio_to_sft"] == 1.375 and summary["sft"]["ratio"] == 0.8
+    assert summary["floor"]["s_per_step_median"] == 2.0 and "ratio" not in summary["floor"]
+
+    # the real thing on the tiny embedding pair: one further process, every row's steps recorded
+    res = speed.speed_benchmark("embedding", ["rkd"], steps=2, paired=True,
+                                overrides=[f"teacher={tiny_st}", f"student={tiny_st_student}", "student_layers=null",
+                                           f"data.train=[{sentences_file}]"])
+    assert set(res["paired"]) == {"floor", "rkd"} and len(res["paired"]["rkd"]["steps"]) == 2
+    assert res["paired"]["rkd"]["ratio"] > 0 and res["methods"]["rkd"]["peak_mb"] > 0
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    section = report.speed_section({**res, "time": "t0", "git_commit": "a" * 40, "git_dirty": False,
+                                    "machine": {"cpus": 2}, "versions": {"torch": "x"}})
+    assert "| x floor, paired |" in section and f"| {res['paired']['rkd']['ratio']:.2f} ± " in section
+
+
 def test_quality_benchmark_records_and_report(tiny_st, tiny_st_student, sentences_file, sts_file, tmp_path):
     variants = [Variant("teacher", kind="teacher", group="reference"), Variant("student", kind="student"),
                 Variant("talas", ["method=talas"]), Variant("rkd", ["method=rkd", "method_args={}"]),
@@ -180,6 +205,35 @@ def test_report_merges_a_search_extended_by_a_later_file_in_learning_rate_order(
     section = report.search_section(report._merged("lm-search-t"))
     assert "times 1, 3, 30;" in section and "the points each variant ran" in section
     assert "| sft | 0.0001: 2.000; 0.0003: 1.800; 0.003: 1.700 | 0.003 | 1.700 |" in section
+
+
+def test_cache_report_names_each_rows_span_logit_reduction_and_commit(tmp_path, monkeypatch):
+    """A cache record from before the averaged default (no variant_names: the summed KL) merged
+    with a later one: each row says which reduction it ran, so rows of different defaults are not
+    read as one comparison."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    def record(time, commit, runs, **extra):
+        return {"kind": "lm", "preset": "t", "config": "c", "overrides": ["o"], "seeds": [42], "git_commit": commit * 40,
+                "git_dirty": False, "time": time, "machine": {"cpus": 2}, "versions": {"torch": "x"},
+                "settings": {"sra": {"train.lr": "0.001"}}, "runs": runs,
+                "resolved_config": {"method_args": {}, "data": {"holdout": 100, "teacher_cache_dtype": "float16"}}, **extra}
+
+    def run(variant, bpb, k=None):
+        cache = {"bytes_per_row": 2048, "bytes": 2**21, "rows": 900, "build_seconds": 600} if k else None
+        return {"variant": variant, "group": "ablation" if k else "method", "seed": 42, "kind": "train",
+                "setting": {"train.lr": "0.001"}, "scores": {"holdout": {"bpb": bpb}}, "seconds_per_step": 1.0,
+                "teacher_source": "cache" if k else "online", **({"teacher_cache": cache} if k else {})}
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "lm-cache-t-20260101.json").write_text(json.dumps(record("t0", "a", [run("sra: top 64", 1.9, 64)])))
+    (tmp_path / "lm-cache-t-20260102.json").write_text(json.dumps(record(
+        "t1", "b", [run("sra", 1.8), run("sra: top 256", 1.85, 256)], variant_names=3)))
+    section = report.cache_section(report._merged("lm-cache-t"))
+    assert "| sra: top 64 | sum | cache | 1.900 |" in section and section.count("| aaaaaaa |") == 1
+    assert "| sra | mean | online | 1.800 |" in section and "| sra: top 256 | mean | cache | 1.850 |" in section
+    assert "2 KB a row, 2 MB for 900 rows | 10.0 | bbbbbbb |" in section
 
 
 def test_lm_report_shows_each_methods_difference_to_sft_paired_by_seed(tmp_path, monkeypatch):

@@ -192,7 +192,7 @@ def cmd_bench_speed(args) -> int:
 
     methods = args.methods.split(",") if args.methods else None
     res = speed_benchmark(args.pair, methods=methods, steps=args.steps, preset=args.preset, overrides=args.set,
-                          rounds=args.rounds)
+                          rounds=args.rounds, paired=args.paired)
     if args.json:
         _json_out(res)
     else:
@@ -294,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=3, help="timed steps per method and round")
     sp.add_argument("--rounds", type=int, default=1,
                     help="time every row this many times, in alternating order; ratios within a round, then the median")
+    sp.add_argument("--paired", action="store_true",
+                    help="also time every row in one process, steps in turn: per-step ratios to the floor")
     sp.add_argument("--preset", choices=["cpu"], default="cpu", help="batch and length preset")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set teacher=my/teacher --set student=my/student")

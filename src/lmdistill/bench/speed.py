@@ -147,7 +147,9 @@ def _option_overrides(method: str) -> list[str]:
     return OPTION_ROWS.get(method.removesuffix(GC).removesuffix(CACHE), [])
 
 
-def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str], targets: str | None = None) -> dict:
+def _setup(pair: str, method: str, floor: bool, overrides: list[str], targets: str | None = None):
+    """One row ready to time: ``(step, facts)``; ``step()`` runs one optimizer step (forward,
+    backward, the (A)SAM closure where the recipe uses it, the update)."""
     from lmdistill.optim import ASAM
 
     if method.endswith(GC):
@@ -176,19 +178,27 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
         loss.backward()
         return loss
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+    def step():
         opt.zero_grad()
         closure()
         opt.step(closure)
         if device == "cuda":
             torch.cuda.synchronize()
+
+    return step, {"optimizer": opt_name, "batch": int(batch[next(iter(batch))].shape[0])}
+
+
+def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[str], targets: str | None = None) -> dict:
+    step, facts = _setup(pair, method, floor, overrides, targets)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        step()
         if i > 0:
             times.append(time.perf_counter() - t0)
-    if device == "cuda":
+    if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -196,8 +206,23 @@ def _measure(pair: str, method: str, floor: bool, steps: int, overrides: list[st
 
     return {"s_per_step": round(statistics.mean(times), 4),
             "s_per_step_sd": round(statistics.stdev(times), 4) if len(times) > 1 else None,
-            "s_min": round(min(times), 4), "s_max": round(max(times), 4), "peak_mb": round(peak, 1),
-            "optimizer": opt_name, "batch": int(batch[next(iter(batch))].shape[0])}
+            "s_min": round(min(times), 4), "s_max": round(max(times), 4), "peak_mb": round(peak, 1), **facts}
+
+
+def _measure_paired(pair: str, rows: list[tuple[str, bool, str | None]], steps: int, overrides: list[str]) -> dict:
+    """Every row set up in one process, then timed step by step in turn (``steps`` cycles after a
+    warm-up cycle, the order reversed every other cycle): ``{row: [seconds of each timed step]}``.
+    Step ``i`` of two rows ran seconds apart, so their ratio sees the same machine state."""
+    ready = {name: _setup(pair, name, floor, overrides, targets)[0] for name, floor, targets in rows}
+    times: dict[str, list[float]] = {name: [] for name in ready}
+    names = list(ready)
+    for i in range(steps + 1):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            ready[name]()
+            if i > 0:
+                times[name].append(round(time.perf_counter() - t0, 4))
+    return times
 
 
 def _child(q, fn, *args):
@@ -224,7 +249,7 @@ def _run_isolated(*args, fn=_measure) -> dict:
 
 
 def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3, preset: str = "cpu",
-                    overrides: list[str] | None = None, rounds: int = 1) -> dict:
+                    overrides: list[str] | None = None, rounds: int = 1, paired: bool = False) -> dict:
     """The ``lmdistill bench speed`` result: the floor and every method, with ratios.
 
     ``rounds``: the floor and every method are timed that many times, each time in a fresh
@@ -232,7 +257,13 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
     that round's floor, or that round's SFT), and the record gives its median over rounds and
     their spread. A machine whose speed drifts between the start and the end of a run (seen
     here: the floor moved 12% between two runs) then moves each ratio's numerator and
-    denominator together."""
+    denominator together.
+
+    ``paired``: besides, every row is set up in one process and the rows take their steps in
+    turn (``_measure_paired``); ``paired`` in the result holds each row's median step and the
+    median over steps of its step's ratio to the floor's (and SFT's) step of the same cycle,
+    with the spread. Drift then cancels step by step, not round by round. Peak memory comes
+    from the fresh processes of the rounds only (one process holds every row here)."""
     import statistics
     import tempfile
     from pathlib import Path
@@ -265,6 +296,8 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
                 got[m] = (_run_isolated(pair, "floor", True, steps, ov) if m == "floor"
                           else _run_isolated(pair, m, False, steps, ov, targets[m]))
             per_round.append(got)
+        paired_times = (_run_isolated(pair, [("floor", True, None)] + [(m, False, targets[m]) for m in methods],
+                                      steps, ov, fn=_measure_paired) if paired else None)
 
     def pooled(name: str) -> dict:
         """One row over its rounds: mean time per step and its spread over all timed steps."""
@@ -294,4 +327,26 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
         for m, r in out["methods"].items():
             r["ratio_to_sft"], r["ratio_to_sft_sd"] = ratio(m, "sft")
             r["peak_to_sft"] = round(r["peak_mb"] / out["methods"]["sft"]["peak_mb"], 3)
+    if paired_times is not None:
+        out["paired"] = paired_summary(paired_times)
+    return out
+
+
+def paired_summary(times: dict[str, list[float]]) -> dict:
+    """Per row of a paired run: the median step, and the median (with the sd) over steps of its
+    step's ratio to the floor's step of the same cycle (``ratio``) and to SFT's (``ratio_to_sft``)."""
+    import statistics
+
+    def ratio(a: list[float], b: list[float]) -> tuple[float, float | None]:
+        vals = [x / y for x, y in zip(a, b, strict=True)]
+        return round(statistics.median(vals), 3), (round(statistics.stdev(vals), 3) if len(vals) > 1 else None)
+
+    out = {}
+    for name, ts in times.items():
+        row = {"s_per_step_median": round(statistics.median(ts), 4), "steps": ts}
+        if name != "floor":
+            row["ratio"], row["ratio_sd"] = ratio(ts, times["floor"])
+            if "sft" in times:
+                row["ratio_to_sft"], row["ratio_to_sft_sd"] = ratio(ts, times["sft"])
+        out[name] = row
     return out
