@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rounds", type=int, default=1,
                     help="time every row this many times, in alternating order; ratios within a round, then the median")
     sp.add_argument("--paired", action="store_true",
-                    help="also time every row in one process, steps in turn: per-step ratios to the floor")
+                    help="also time every row in one process (all in memory at once), steps in turn: per-step ratios "
+                         "to the floor")
     sp.add_argument("--preset", choices=["cpu"], default="cpu", help="batch and length preset")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set teacher=my/teacher --set student=my/student")

@@ -263,7 +263,8 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
     turn (``_measure_paired``); ``paired`` in the result holds each row's median step and the
     median over steps of its step's ratio to the floor's (and SFT's) step of the same cycle,
     with the spread. Drift then cancels step by step, not round by round. Peak memory comes
-    from the fresh processes of the rounds only (one process holds every row here)."""
+    from the fresh processes of the rounds only (one process holds every row here, so it
+    needs the memory of all of them at once: with large models on a GPU, leave it off)."""
     import statistics
     import tempfile
     from pathlib import Path
