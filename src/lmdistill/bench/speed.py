@@ -315,8 +315,7 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
         return out
 
     def ratio(name: str, to: str, key: str = "s_per_step") -> tuple[float, float | None]:
-        vals = [r[name][key] / r[to][key] for r in per_round]
-        return round(statistics.median(vals), 3), (round(statistics.stdev(vals), 3) if len(vals) > 1 else None)
+        return median_ratio([r[name][key] for r in per_round], [r[to][key] for r in per_round])
 
     out = {"pair": pair, "steps": steps, "rounds": rounds, "device": "cuda" if torch.cuda.is_available() else "cpu",
            "floor": pooled("floor"), "methods": {}}
@@ -333,21 +332,25 @@ def speed_benchmark(pair: str, methods: list[str] | None = None, steps: int = 3,
     return out
 
 
+def median_ratio(num: list[float], den: list[float]) -> tuple[float, float | None]:
+    """The median of the pairwise ratios ``num[i] / den[i]`` (rounds, or paired steps) and their sd."""
+    import statistics
+
+    vals = [x / y for x, y in zip(num, den, strict=True)]
+    return round(statistics.median(vals), 3), (round(statistics.stdev(vals), 3) if len(vals) > 1 else None)
+
+
 def paired_summary(times: dict[str, list[float]]) -> dict:
     """Per row of a paired run: the median step, and the median (with the sd) over steps of its
     step's ratio to the floor's step of the same cycle (``ratio``) and to SFT's (``ratio_to_sft``)."""
     import statistics
 
-    def ratio(a: list[float], b: list[float]) -> tuple[float, float | None]:
-        vals = [x / y for x, y in zip(a, b, strict=True)]
-        return round(statistics.median(vals), 3), (round(statistics.stdev(vals), 3) if len(vals) > 1 else None)
-
     out = {}
     for name, ts in times.items():
         row = {"s_per_step_median": round(statistics.median(ts), 4), "steps": ts}
         if name != "floor":
-            row["ratio"], row["ratio_sd"] = ratio(ts, times["floor"])
+            row["ratio"], row["ratio_sd"] = median_ratio(ts, times["floor"])
             if "sft" in times:
-                row["ratio_to_sft"], row["ratio_to_sft_sd"] = ratio(ts, times["sft"])
+                row["ratio_to_sft"], row["ratio_to_sft_sd"] = median_ratio(ts, times["sft"])
         out[name] = row
     return out
